@@ -1,0 +1,111 @@
+"""Task specifications: label order, Kaggle folder names, default Hub dataset, grouping.
+
+A *task* fixes the label order once for the whole project; every dataset, checkpoint and
+metric uses it. Adding a task is one entry in :data:`TASKS`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+__all__ = ["Task", "TASKS", "get_task", "malaria_group", "TASK_NAMES"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a classification task is: its labels (in a fixed order) and where its data lives."""
+
+    name: str
+    labels: tuple[str, ...]
+    #: class-folder name (as in the Kaggle download, compared case-insensitively) -> label
+    folder_aliases: dict[str, str] = field(default_factory=dict)
+    #: default Hugging Face Hub dataset id (``None`` when there is no published copy yet)
+    hub_dataset: str | None = None
+    #: what one group is (used in reports and model cards)
+    group_unit: str = "group"
+    description: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    def label_from_folder(self, folder: str) -> str | None:
+        """Map a class-folder or label name (any case, ``-``/``_``/space) to a label, or ``None``."""
+        key = _norm(folder)
+        for alias, label in self.folder_aliases.items():
+            if _norm(alias) == key:
+                return label
+        for label in self.labels:
+            if _norm(label) == key:
+                return label
+        return None
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", str(name)).lower()
+
+
+TASKS: dict[str, Task] = {
+    "blood-cells": Task(
+        name="blood-cells",
+        labels=("eosinophil", "lymphocyte", "monocyte", "neutrophil"),
+        folder_aliases={
+            "EOSINOPHIL": "eosinophil",
+            "LYMPHOCYTE": "lymphocyte",
+            "MONOCYTE": "monocyte",
+            "NEUTROPHIL": "neutrophil",
+        },
+        hub_dataset="cellhub/blood-cells",
+        group_unit="source white cell (smear)",
+        description="White blood cell type from a stained peripheral blood smear crop (BCCD / Kaggle).",
+    ),
+    "malaria": Task(
+        name="malaria",
+        labels=("parasitized", "uninfected"),
+        folder_aliases={"Parasitized": "parasitized", "Uninfected": "uninfected"},
+        hub_dataset="cellhub/malaria",
+        group_unit="slide / patient",
+        description="Plasmodium-infected vs uninfected thin-smear red blood cell (NIH / Kaggle).",
+    ),
+}
+
+TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+
+
+def get_task(name: str | Task) -> Task:
+    """Return the :class:`Task` called ``name``; a clear ``ValueError`` lists the choices."""
+    if isinstance(name, Task):
+        return name
+    key = str(name).strip().lower().replace("_", "-")
+    aliases = {"blood": "blood-cells", "bloodcells": "blood-cells", "wbc": "blood-cells"}
+    key = aliases.get(key, key)
+    if key not in TASKS:
+        raise ValueError(f"Unknown task {name!r}. Choose one of: {', '.join(TASKS)}.")
+    return TASKS[key]
+
+
+_MALARIA_GROUP = re.compile(r"^(C\d+P\d+|C\d+)", re.IGNORECASE)
+
+
+def malaria_group(filename: str | PurePath) -> str:
+    """Slide/patient prefix of an NIH malaria file name.
+
+    ``C100P61ThinF_IMG_..._cell_162.png`` -> ``C100P61`` (slide 100, patient 61);
+    ``C13NThinF_IMG_...png`` -> ``C13`` (a slide of an uninfected patient). Cells of one
+    patient are highly correlated, so splits must never separate a group. A name without
+    the prefix falls back to its stem (its own group), which is the conservative choice.
+    """
+    stem = PurePath(str(filename)).name
+    m = _MALARIA_GROUP.match(stem)
+    if m:
+        return m.group(1).upper()
+    return PurePath(stem).stem
