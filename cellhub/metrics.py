@@ -1,0 +1,409 @@
+"""Honest classification metrics: per-class scores, calibration, grouped bootstrap CIs, plots.
+
+Every number a cellhub model reports comes from :func:`classification_metrics`. Confidence
+intervals are computed by resampling *groups* (source cells for blood-cells, patients/slides
+for malaria), not images: copies of one cell are not independent evidence, so an image-level
+bootstrap would give intervals that are far too narrow.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "classification_metrics",
+    "grouped_bootstrap",
+    "expected_calibration_error",
+    "choose_abstention_threshold",
+    "format_metrics_table",
+    "plot_history",
+    "plot_confusion",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _as_probs(y_prob: Any, n_labels: int) -> np.ndarray:
+    p = np.asarray(y_prob, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != n_labels:
+        raise ValueError(
+            f"y_prob must have shape (n_images, {n_labels}) for {n_labels} labels; got {p.shape}."
+        )
+    if not np.all(np.isfinite(p)):
+        raise ValueError("y_prob contains NaN or infinite values.")
+    return p
+
+
+def _confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int, weights: np.ndarray | None = None) -> np.ndarray:
+    return np.bincount(y_true * k + y_pred, weights=weights, minlength=k * k).reshape(k, k)
+
+
+def _macro_f1_from_counts(tp: np.ndarray, n_pred: np.ndarray, n_true: np.ndarray) -> np.ndarray:
+    """Macro-F1 over the classes present in truth or prediction (scikit-learn's default).
+
+    Arrays are (..., K); returns (...).
+    """
+    denom = n_pred + n_true
+    present = denom > 0
+    f1 = np.where(present, 2.0 * tp / np.where(present, denom, 1.0), 0.0)
+    n_present = present.sum(axis=-1)
+    return np.where(n_present > 0, f1.sum(axis=-1) / np.maximum(n_present, 1), 0.0)
+
+
+def expected_calibration_error(y_true: Sequence[int], y_prob: Any, n_bins: int = 15) -> float:
+    """Expected calibration error of the top-class confidence (equal-width bins, L1).
+
+    ECE = sum_b (n_b / n) * |accuracy_b - mean confidence_b|. 0 is perfectly calibrated.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_prob, dtype=np.float64)
+    if len(y) == 0:
+        return float("nan")
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    # bin b holds confidences in (b/n_bins, (b+1)/n_bins]; confidence 0 goes into bin 0
+    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def grouped_bootstrap(
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    groups: Sequence[Any] | None,
+    n_labels: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Bootstrap accuracy and macro-F1 by resampling whole groups with replacement.
+
+    Each replicate draws ``n_groups`` groups with replacement and keeps every image of every
+    drawn group (a group drawn twice counts twice). With ``groups=None`` every image is its own
+    group (the ordinary image bootstrap). Returns ``{"accuracy": (n_boot,), "macro_f1": (n_boot,)}``.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    yp = np.asarray(y_pred, dtype=np.int64)
+    n = len(y)
+    if groups is None:
+        gidx = np.arange(n)
+        n_groups = n
+    else:
+        _, gidx = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+        n_groups = int(gidx.max()) + 1 if n else 0
+    if n == 0 or n_boot <= 0:
+        return {"accuracy": np.empty(0), "macro_f1": np.empty(0)}
+    rng = np.random.default_rng(seed)
+    out_acc = np.empty(n_boot)
+    out_f1 = np.empty(n_boot)
+    correct = (y == yp).astype(np.float64)
+    onehot_true = np.eye(n_labels)[y]  # (n, K)
+    onehot_pred = np.eye(n_labels)[yp]
+    tp_img = onehot_true * correct[:, None]
+    chunk = max(1, int(2_000_000 // max(n, 1)))  # bound memory of the (chunk, n) weight matrix
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        gw = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=m).astype(np.float64)
+        w = gw[:, gidx]  # (m, n): how often each image is in the replicate
+        tot = w.sum(axis=1)
+        out_acc[start : start + m] = (w @ correct) / tot
+        out_f1[start : start + m] = _macro_f1_from_counts(w @ tp_img, w @ onehot_pred, w @ onehot_true)
+    return {"accuracy": out_acc, "macro_f1": out_f1}
+
+
+def classification_metrics(
+    y_true: Sequence[int],
+    y_prob: Any,
+    labels: Sequence[str],
+    groups: Sequence[Any] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All the metrics cellhub reports for one evaluation set.
+
+    Args:
+        y_true: true label indices (0..K-1, in ``labels`` order).
+        y_prob: (n_images, K) class probabilities.
+        labels: label names, in index order.
+        groups: one group id per image (source cell / patient); ``None`` = each image its own group.
+        n_boot: bootstrap replicates for the 95% intervals (0 disables them).
+        seed: bootstrap seed.
+
+    Returns a JSON-serialisable dict: ``accuracy``, ``balanced_accuracy``, ``macro_f1``,
+    ``auc`` (two classes only, else absent; ``None`` when one class is missing), ``ece``,
+    ``nll``, ``ci95`` (accuracy, grouped percentile bootstrap), ``macro_f1_ci95``,
+    ``n_images``, ``n_groups``, ``per_class`` {label: precision/recall/f1/support},
+    ``confusion_matrix`` (rows = true, columns = predicted), ``labels``.
+    """
+    labels = [str(x) for x in labels]
+    k = len(labels)
+    if k < 2:
+        raise ValueError(f"Need at least two labels, got {labels!r}.")
+    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    p = _as_probs(y_prob, k)
+    if len(y) != len(p):
+        raise ValueError(f"y_true has {len(y)} entries but y_prob has {len(p)} rows.")
+    if len(y) == 0:
+        raise ValueError("Cannot compute metrics on an empty evaluation set.")
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(f"y_true values must be in 0..{k - 1} for labels {labels}; got {sorted(set(y.tolist()))}.")
+    if groups is not None and len(groups) != len(y):
+        raise ValueError(f"groups has {len(groups)} entries but there are {len(y)} images.")
+
+    pred = p.argmax(axis=1)
+    cm = _confusion(y, pred, k)
+    tp = np.diag(cm).astype(np.float64)
+    n_pred = cm.sum(axis=0).astype(np.float64)
+    n_true = cm.sum(axis=1).astype(np.float64)
+    precision = np.divide(tp, n_pred, out=np.zeros(k), where=n_pred > 0)
+    recall = np.divide(tp, n_true, out=np.zeros(k), where=n_true > 0)
+    f1 = np.divide(2 * tp, n_pred + n_true, out=np.zeros(k), where=(n_pred + n_true) > 0)
+    accuracy = float(tp.sum() / len(y))
+    present = n_true > 0
+    balanced = float(recall[present].mean())
+    macro_f1 = float(_macro_f1_from_counts(tp, n_pred, n_true))
+
+    n_groups = len(set(map(str, groups))) if groups is not None else len(y)
+    out: dict[str, Any] = {
+        "accuracy": accuracy,
+        "balanced_accuracy": balanced,
+        "macro_f1": macro_f1,
+    }
+    if k == 2:
+        out["auc"] = _binary_auc(y, p[:, 1])
+    out["ece"] = expected_calibration_error(y, p)
+    out["nll"] = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
+    boot = grouped_bootstrap(y, pred, groups, k, n_boot=n_boot, seed=seed)
+    if len(boot["accuracy"]):
+        out["ci95"] = [float(np.percentile(boot["accuracy"], 2.5)), float(np.percentile(boot["accuracy"], 97.5))]
+        out["macro_f1_ci95"] = [
+            float(np.percentile(boot["macro_f1"], 2.5)),
+            float(np.percentile(boot["macro_f1"], 97.5)),
+        ]
+    else:
+        out["ci95"] = None
+        out["macro_f1_ci95"] = None
+    out["ci_method"] = (
+        f"percentile bootstrap over {'groups' if groups is not None else 'images'}, "
+        f"{n_boot} replicates, seed {seed}"
+    )
+    out["n_images"] = int(len(y))
+    out["n_groups"] = int(n_groups)
+    out["per_class"] = {
+        labels[i]: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(n_true[i]),
+        }
+        for i in range(k)
+    }
+    out["confusion_matrix"] = cm.astype(int).tolist()
+    out["labels"] = labels
+    if n_groups < 30 and groups is not None:
+        logger.info(
+            "Only %d groups: the 95%% interval is wide because the evidence is %d independent units, "
+            "not %d images.", n_groups, n_groups, len(y),
+        )
+    return out
+
+
+def _binary_auc(y: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC AUC for class index 1 (Mann-Whitney, ties counted half). ``None`` if one class is absent."""
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(score, kind="mergesort")
+    s = score[order]
+    ranks = np.empty(len(s))
+    # average ranks over ties
+    i = 0
+    r = np.arange(1, len(s) + 1, dtype=np.float64)
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[i : j + 1] = r[i : j + 1].mean()
+        i = j + 1
+    rank_of = np.empty(len(s))
+    rank_of[order] = ranks
+    return float((rank_of[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def choose_abstention_threshold(
+    y_true: Sequence[int],
+    y_prob: Any,
+    target_accuracy: float = 0.95,
+    min_coverage: float = 0.05,
+) -> dict[str, Any]:
+    """Pick the max-softmax confidence below which a prediction should be referred to a human.
+
+    Rule: the *lowest* threshold ``t`` such that the predictions with confidence >= ``t`` are
+    at least ``target_accuracy`` accurate on this (validation) data — i.e. keep as many
+    predictions as possible while the kept ones meet the target. If the whole set already meets
+    the target, ``t`` is the lowest confidence seen (nothing in validation is flagged). If no
+    threshold that keeps at least ``min_coverage`` of the images reaches the target, ``t`` is the
+    one with the best selective accuracy among those, and ``met_target`` is False.
+
+    Returns ``{"threshold", "target_accuracy", "coverage", "selective_accuracy", "met_target",
+    "n_images", "rule"}``.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_prob, dtype=np.float64)
+    if len(y) == 0:
+        raise ValueError("Cannot choose an abstention threshold on an empty set.")
+    if not 0.0 < target_accuracy <= 1.0:
+        raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy}.")
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    order = np.argsort(-conf, kind="mergesort")  # most confident first
+    c_sorted = conf[order]
+    cum_acc = np.cumsum(correct[order]) / np.arange(1, len(y) + 1)
+    # only cut between distinct confidence values: a threshold keeps all ties
+    last_of_tie = np.r_[c_sorted[1:] != c_sorted[:-1], True]
+    n_keep = np.arange(1, len(y) + 1)
+    coverage = n_keep / len(y)
+    ok = last_of_tie & (coverage >= min_coverage)
+    if not ok.any():
+        ok = last_of_tie
+    meets = ok & (cum_acc >= target_accuracy)
+    if meets.any():
+        i = int(np.nonzero(meets)[0].max())  # lowest threshold = most images kept
+        met = True
+    else:
+        cand = np.nonzero(ok)[0]
+        i = int(cand[np.argmax(cum_acc[cand])])
+        met = False
+        logger.warning(
+            "No confidence threshold reaches %.0f%% accuracy on the validation data; "
+            "using the best one (%.1f%% accuracy, %.0f%% kept).",
+            100 * target_accuracy, 100 * cum_acc[i], 100 * coverage[i],
+        )
+    return {
+        "threshold": float(c_sorted[i]),
+        "target_accuracy": float(target_accuracy),
+        "coverage": float(coverage[i]),
+        "selective_accuracy": float(cum_acc[i]),
+        "met_target": met,
+        "n_images": int(len(y)),
+        "rule": (
+            "lowest max-softmax confidence t such that validation predictions with confidence >= t "
+            f"are at least {target_accuracy:.0%} accurate; predictions below t are 'uncertain - refer "
+            "for manual review'"
+        ),
+    }
+
+
+def _fmt_ci(ci: Sequence[float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
+
+
+def format_metrics_table(m: dict[str, Any], title: str | None = None) -> str:
+    """A plain-text report of :func:`classification_metrics` output, for terminals and logs."""
+    labels = m.get("labels") or list(m["per_class"])
+    lines = []
+    if title:
+        lines += [title, "=" * len(title)]
+    lines.append(
+        f"images: {m['n_images']}   groups: {m['n_groups']}   "
+        f"(CI: {m.get('ci_method', 'bootstrap')})"
+    )
+    lines.append(f"accuracy          {m['accuracy']:.4f}   95% CI {_fmt_ci(m.get('ci95'))}")
+    lines.append(f"macro-F1          {m['macro_f1']:.4f}   95% CI {_fmt_ci(m.get('macro_f1_ci95'))}")
+    if "balanced_accuracy" in m:
+        lines.append(f"balanced accuracy {m['balanced_accuracy']:.4f}")
+    if "auc" in m:
+        auc = m["auc"]
+        lines.append(f"ROC AUC           {'n/a (one class only)' if auc is None else f'{auc:.4f}'}")
+    if "ece" in m:
+        lines.append(f"calibration (ECE) {m['ece']:.4f}")
+    w = max(12, max(len(x) for x in labels) + 2)
+    lines.append("")
+    lines.append(f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for name in labels:
+        pc = m["per_class"][name]
+        lines.append(
+            f"{name:<{w}}{pc['precision']:>10.4f}{pc['recall']:>10.4f}{pc['f1']:>10.4f}{pc['support']:>10d}"
+        )
+    lines.append("")
+    lines.append("confusion matrix (rows = true, columns = predicted)")
+    cw = max(8, max(len(x[:10]) for x in labels) + 2)
+    lines.append(" " * w + "".join(f"{x[:10]:>{cw}}" for x in labels))
+    for name, row in zip(labels, m["confusion_matrix"]):
+        lines.append(f"{name:<{w}}" + "".join(f"{v:>{cw}d}" for v in row))
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Train-vs-validation loss and accuracy per epoch, as a two-panel PNG.
+
+    ``history`` is a list of per-epoch dicts with ``epoch``, ``train_loss``, ``train_accuracy``,
+    ``val_loss``, ``val_accuracy`` (missing keys are skipped).
+    """
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, title in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            key = f"{split}_{metric}"
+            pts = [(e, h[key]) for e, h in zip(epochs, history) if h.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label="train" if split == "train" else "validation (grouped)")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if any(h.get("best") for h in history):
+        best = [e for e, h in zip(epochs, history) if h.get("best")][-1]
+        for ax in axes:
+            ax.axvline(best, color="grey", ls="--", lw=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(cm: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Confusion matrix PNG: counts and row-normalised colour (rows = true class)."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cm = np.asarray(cm, dtype=np.int64)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    k = len(labels)
+    fig, ax = plt.subplots(figsize=(1.3 * k + 2.5, 1.1 * k + 2))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), labels, rotation=30, ha="right")
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{cm[i, j]}\n{norm[i, j]:.0%}", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.6 else "black", fontsize=9)
+    if title:
+        ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
