@@ -1,0 +1,499 @@
+"""Model registry and factory: ``create_model(name, labels, ...)``.
+
+One registry, one factory (the timm habit). Every model returned by :func:`create_model`
+
+* carries its labels and its preprocessing in ``model.cellhub_config`` (and, timm-style, in
+  ``model.pretrained_cfg``), so nothing downstream hard-codes either;
+* exposes ``forward_features(x) -> (B, C, h, w)`` (the last convolutional feature map) and
+  ``get_classifier()``; :func:`cam_layer` names the module whose output is that feature map.
+
+Adding a model is one :func:`register_model` call with a :class:`ModelSpec`.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from .tasks import TASKS, get_task
+
+__all__ = [
+    "MODEL_NAMES",
+    "MODEL_REGISTRY",
+    "ModelSpec",
+    "PretrainedWeightsUnavailable",
+    "SmallCNN",
+    "available_models",
+    "cam_layer",
+    "create_model",
+    "freeze_backbone_layers",
+    "is_gap_linear_head",
+    "register_model",
+    "resolve_labels",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: timm architecture name under which :class:`SmallCNN` is known in ``config.json``.
+SMALLCNN_ARCHITECTURE = "cellhub_smallcnn"
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights were requested but could not be downloaded or found in the HF cache."""
+
+
+# ----------------------------------------------------------------------------------------------
+# SmallCNN
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="cellhub",
+    pipeline_tag="image-classification",
+    license="mit",
+    tags=["cellhub", "image-classification", "microscopy", "blood-smear"],
+    repo_url="https://github.com/cellhub/cellhub",
+):
+    """A small CNN for 64-128 px single-cell crops.
+
+    Stages of conv-BatchNorm-ReLU blocks (widths 32 -> 256), a 2x2 max-pool between stages,
+    then global average pooling, dropout and **one** linear layer. Because the head is
+    GAP + linear, the class activation map of class ``c`` is exactly
+    ``ReLU(sum_k w_ck * A_k)`` of the last feature map ``A`` -- it comes from the forward pass.
+
+    The ``__init__`` arguments are written to ``config.json`` by ``save_pretrained`` (Hub mixin),
+    so a checkpoint is self-describing: labels, input size, mean/std and interpolation included.
+    ``SmallCNN.from_pretrained`` loads strictly and from safetensors only.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        labels: list[str] | None = None,
+        in_chans: int = 3,
+        widths: Sequence[int] = (32, 64, 128, 256),
+        depths: Sequence[int] = (1, 1, 1, 2),
+        drop_rate: float = 0.2,
+        image_size: int = 96,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bilinear",
+        crop_pct: float = 1.0,
+        task: str | None = None,
+    ) -> None:
+        super().__init__()
+        widths, depths = [int(w) for w in widths], [int(d) for d in depths]
+        if len(widths) != len(depths) or not widths:
+            raise ValueError(f"widths {widths} and depths {depths} must be non-empty and of equal length")
+        if labels is not None:
+            labels = [str(x) for x in labels]
+            if len(labels) != num_classes:
+                raise ValueError(f"{len(labels)} labels {labels} but num_classes={num_classes}")
+        self.num_classes = int(num_classes)
+        self.labels = labels or [f"LABEL_{i}" for i in range(self.num_classes)]
+        self.drop_rate = float(drop_rate)
+        self.num_features = widths[-1]
+
+        stages: list[nn.Module] = []
+        cin = in_chans
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            blocks: list[nn.Module] = []
+            if i > 0:
+                blocks.append(nn.MaxPool2d(2))
+            for _ in range(depth):
+                blocks.append(_conv_bn_relu(cin, width))
+                cin = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(self.drop_rate)
+        self.head = nn.Linear(self.num_features, self.num_classes)
+
+        self.pretrained_cfg: dict[str, Any] = {
+            "architecture": SMALLCNN_ARCHITECTURE,
+            "input_size": (in_chans, int(image_size), int(image_size)),
+            "interpolation": interpolation,
+            "mean": tuple(float(v) for v in mean),
+            "std": tuple(float(v) for v in std),
+            "crop_pct": float(crop_pct),
+            "crop_mode": "center",
+            "num_classes": self.num_classes,
+            "label_names": list(self.labels),
+            "first_conv": "stages.0.0.0",
+            "classifier": "head",
+        }
+        self.task = task
+        self._init_weights()
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:  # timm alias
+        return self.pretrained_cfg
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last convolutional feature map, shape (B, C, h, w)."""
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool (+ dropout and the linear layer unless ``pre_logits``)."""
+        x = self.global_pool(x).flatten(1)
+        if pre_logits:
+            return x
+        return self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the linear head (timm API)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @classmethod
+    def _from_pretrained(  # type: ignore[override]
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: Any,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> SmallCNN:
+        """Mixin hook: safetensors only, and strict (every weight must match the config)."""
+        import os
+
+        from huggingface_hub import hf_hub_download
+        from safetensors.torch import load_model
+
+        if os.path.isdir(model_id):
+            model_file = os.path.join(model_id, "model.safetensors")
+            if not os.path.isfile(model_file):
+                raise FileNotFoundError(
+                    f"No model.safetensors in {model_id!r}. cellhub loads safetensors only and never "
+                    "unpickles weights; re-save the model with SmallCNN.save_pretrained()."
+                )
+        else:
+            model_file = hf_hub_download(
+                repo_id=model_id,
+                filename="model.safetensors",
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        model = cls(**model_kwargs)
+        load_model(model, model_file, strict=True, device=str(map_location))
+        model.eval()
+        return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry: how to build a model and what its defaults are."""
+
+    name: str
+    description: str
+    #: ``builder(num_classes=, pretrained=, drop_rate=, image_size=, labels=, task=) -> nn.Module``
+    builder: Callable[..., nn.Module]
+    default_image_size: int
+    default_drop_rate: float = 0.0
+    #: True when the head is global-average-pool followed by one linear layer (exact CAM).
+    gap_linear_head: bool = True
+    #: ``cam_layer(model)``: module whose output is ``forward_features(x)``.
+    cam_layer: Callable[[nn.Module], nn.Module] = field(default=lambda m: m.stages[-1])
+    #: timm model name with pretrained tag (e.g. ``resnet18.tv_in1k``); None for in-house models.
+    timm_name: str | None = None
+    #: whether pretrained weights exist for this entry
+    has_pretrained: bool = False
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add a model to the registry (one entry per model)."""
+    MODEL_REGISTRY[spec.name] = spec
+    return spec
+
+
+def available_models() -> tuple[str, ...]:
+    """Names accepted by :func:`create_model`."""
+    return tuple(MODEL_REGISTRY)
+
+
+def _build_smallcnn(*, num_classes: int, pretrained: bool, drop_rate: float, image_size: int,
+                    labels: list[str], task: str | None) -> nn.Module:
+    if pretrained:
+        # No ImageNet weights exist for the small CNN; it is trained from scratch by design.
+        logger.info("smallcnn has no pretrained weights; initialising randomly")
+    return SmallCNN(num_classes=num_classes, labels=labels, drop_rate=drop_rate,
+                    image_size=image_size, task=task)
+
+
+def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
+    def build(*, num_classes: int, pretrained: bool, drop_rate: float, image_size: int,
+              labels: list[str], task: str | None) -> nn.Module:
+        import timm
+
+        try:
+            model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,
+                                      drop_rate=drop_rate)
+        except (OSError, ConnectionError, TimeoutError) as e:
+            if not pretrained:
+                raise
+            raise PretrainedWeightsUnavailable(
+                f"Could not download the ImageNet weights for {timm_name!r} (timm/{timm_name} on the "
+                f"Hugging Face Hub): {type(e).__name__}: {e}\n"
+                "Either train from scratch (create_model(..., pretrained=False), or --from-scratch on "
+                "the command line), or populate the Hugging Face cache on a machine with internet "
+                f"access: python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\" "
+                "and copy ~/.cache/huggingface (or set HF_HUB_CACHE) before running offline."
+            ) from e
+        cfg = dict(model.pretrained_cfg)
+        cfg.update(
+            input_size=(3, int(image_size), int(image_size)),
+            # Cells fill the crop: resize the short side and center-crop the square, no ImageNet
+            # 0.875 zoom that would cut off the cell border.
+            crop_pct=1.0,
+            crop_mode="center",
+            num_classes=num_classes,
+            label_names=list(labels),
+        )
+        model.pretrained_cfg = cfg
+        return model
+
+    return build
+
+
+register_model(ModelSpec(
+    name="smallcnn",
+    description="Small conv-BN-ReLU CNN with GAP + linear head, trained from scratch (fast on CPU).",
+    builder=_build_smallcnn,
+    default_image_size=96,
+    default_drop_rate=0.2,
+    gap_linear_head=True,
+    cam_layer=lambda m: m.stages[-1],
+))
+register_model(ModelSpec(
+    name="resnet18",
+    description="timm ResNet-18, torchvision ImageNet-1k weights (transfer learning).",
+    builder=_timm_builder("resnet18.tv_in1k"),
+    default_image_size=224,
+    gap_linear_head=True,
+    cam_layer=lambda m: m.layer4,
+    timm_name="resnet18.tv_in1k",
+    has_pretrained=True,
+))
+register_model(ModelSpec(
+    name="resnet50",
+    description="timm ResNet-50, torchvision ImageNet-1k weights (transfer learning).",
+    builder=_timm_builder("resnet50.tv_in1k"),
+    default_image_size=224,
+    gap_linear_head=True,
+    cam_layer=lambda m: m.layer4,
+    timm_name="resnet50.tv_in1k",
+    has_pretrained=True,
+))
+register_model(ModelSpec(
+    name="vgg16",
+    description="timm VGG-16, torchvision ImageNet-1k weights (transfer learning; 4096-d MLP head).",
+    builder=_timm_builder("vgg16.tv_in1k"),
+    default_image_size=224,
+    gap_linear_head=False,
+    cam_layer=lambda m: m.features[-1],
+    timm_name="vgg16.tv_in1k",
+    has_pretrained=True,
+))
+
+#: Names of the built-in models (see :func:`available_models` for the live registry).
+MODEL_NAMES: tuple[str, ...] = ("smallcnn", "resnet18", "resnet50", "vgg16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_labels(labels: str | Sequence[str] | Any) -> tuple[list[str], str | None]:
+    """``labels`` (a task name, a :class:`~cellhub.tasks.Task`, or a list of names) -> (labels, task)."""
+    if isinstance(labels, str):
+        try:
+            task = get_task(labels)
+        except ValueError as e:
+            raise ValueError(f"{e} Or pass the label names as a list, e.g. labels=['a', 'b'].") from None
+        return list(task.labels), task.name
+    if hasattr(labels, "labels") and hasattr(labels, "name"):  # a Task
+        return list(labels.labels), labels.name
+    try:
+        names = [str(x) for x in labels]
+    except TypeError:
+        raise ValueError(f"labels must be a task name or a list of label names, got {labels!r}") from None
+    if len(names) < 2:
+        raise ValueError(f"A classifier needs at least 2 labels, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Label names must be unique, got {names!r}")
+    task = next((t.name for t in TASKS.values() if list(t.labels) == names), None)
+    return names, task
+
+
+def freeze_backbone_layers(model: nn.Module) -> nn.Module:
+    """Feature-extraction mode: only ``get_classifier()`` trains.
+
+    Backbone parameters get ``requires_grad=False`` and the backbone's BatchNorm layers stay in
+    eval mode even under ``model.train()``, so the features are a fixed function of the input.
+    """
+    classifier = model.get_classifier()
+    head_params = {id(p) for p in classifier.parameters()}
+    for p in model.parameters():
+        p.requires_grad = id(p) in head_params
+    head_modules = {id(m) for m in classifier.modules()}
+    frozen_norms = [m for m in model.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head_modules]
+    original_train = type(model).train
+
+    def train(self: nn.Module, mode: bool = True) -> nn.Module:
+        original_train(self, mode)
+        for m in frozen_norms:
+            m.eval()
+        return self
+
+    model.train = types.MethodType(train, model)  # type: ignore[method-assign]
+    model.train(model.training)
+    return model
+
+
+def create_model(
+    name: str,
+    labels: str | Sequence[str],
+    *,
+    pretrained: bool = True,
+    image_size: int | None = None,
+    freeze_backbone: bool = False,
+    drop_rate: float | None = None,
+) -> nn.Module:
+    """Build a registered model for ``labels`` (a task name such as ``"malaria"`` or a list of names).
+
+    ``pretrained=True`` loads ImageNet weights for the timm models through timm's real download
+    path (the Hugging Face cache); when that fails (e.g. offline) it raises
+    :class:`PretrainedWeightsUnavailable` -- it never silently falls back to random weights.
+    The small CNN has no pretrained weights and is always randomly initialised.
+    ``freeze_backbone=True`` trains only the classifier (feature extraction).
+    ``image_size`` sets the square input size recorded in the model's preprocessing config.
+    """
+    key = str(name).strip().lower()
+    if key not in MODEL_REGISTRY:
+        raise ValueError(f"Unknown model {name!r}. Choose one of: {', '.join(available_models())}.")
+    spec = MODEL_REGISTRY[key]
+    label_names, task = resolve_labels(labels)
+    size = int(image_size) if image_size is not None else spec.default_image_size
+    if size < 16:
+        raise ValueError(f"image_size={image_size!r} is too small; use at least 16 pixels (e.g. 64-224).")
+    drop = spec.default_drop_rate if drop_rate is None else float(drop_rate)
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    use_pretrained = bool(pretrained) and spec.has_pretrained
+
+    model = spec.builder(num_classes=len(label_names), pretrained=use_pretrained, drop_rate=drop,
+                         image_size=size, labels=label_names, task=task)
+    pcfg = model.pretrained_cfg
+    model.cellhub_config = {
+        "model_name": spec.name,
+        "architecture": pcfg.get("architecture", spec.name),
+        "task": task,
+        "labels": list(label_names),
+        "pretrained": use_pretrained,
+        "base_model": f"timm/{spec.timm_name}" if use_pretrained and spec.timm_name else None,
+        "freeze_backbone": bool(freeze_backbone),
+        "drop_rate": drop,
+        "pretrained_cfg": data_config_from_pretrained_cfg(pcfg),
+        "abstention_threshold": None,
+    }
+    if freeze_backbone:
+        freeze_backbone_layers(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("created %s (%s, %.1fM params, %d labels, input %s)", spec.name,
+                "ImageNet weights" if use_pretrained else "random init", n_params / 1e6,
+                len(label_names), pcfg["input_size"])
+    return model
+
+
+def data_config_from_pretrained_cfg(pcfg: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing subset of a timm ``pretrained_cfg`` as JSON-friendly values."""
+    return {
+        "input_size": [int(v) for v in pcfg["input_size"]],
+        "mean": [float(v) for v in pcfg["mean"]],
+        "std": [float(v) for v in pcfg["std"]],
+        "interpolation": str(pcfg.get("interpolation", "bilinear")),
+        "crop_pct": float(pcfg.get("crop_pct", 1.0)),
+        "crop_mode": str(pcfg.get("crop_mode", "center")),
+    }
+
+
+def _model_name(model: nn.Module) -> str | None:
+    cfg = getattr(model, "cellhub_config", None) or {}
+    name = cfg.get("model_name")
+    if name in MODEL_REGISTRY:
+        return name
+    if isinstance(model, SmallCNN):
+        return "smallcnn"
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    return arch if arch in MODEL_REGISTRY else None
+
+
+def cam_layer(model: nn.Module) -> nn.Module:
+    """The module CAM methods hook: its output is ``model.forward_features(x)``."""
+    name = _model_name(model)
+    if name is not None:
+        return MODEL_REGISTRY[name].cam_layer(model)
+    for attr, pick in (("layer4", lambda m: m), ("stages", lambda m: m[-1]), ("features", lambda m: m[-1])):
+        if hasattr(model, attr):
+            return pick(getattr(model, attr))
+    raise ValueError(f"Don't know which layer of {type(model).__name__} to use for CAM; "
+                     "register the model with a cam_layer in cellhub.models.")
+
+
+def is_gap_linear_head(model: nn.Module) -> bool:
+    """True when logits = Linear(GlobalAvgPool(forward_features(x))) -- CAM is then exact."""
+    name = _model_name(model)
+    if name is not None:
+        return MODEL_REGISTRY[name].gap_linear_head
+    return False
