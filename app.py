@@ -1,0 +1,385 @@
+"""cellhub demo: classify blood-smear cell images with every loaded model, side by side.
+
+    python app.py                                  # bundled checkpoints in ./checkpoints, http://127.0.0.1:7860
+    python app.py --models org/model ./my_ckpt     # add Hub models or local checkpoint folders
+    python app.py --no-bundled --models org/model  # only those
+    CELLHUB_MODELS="org/a org/b" python app.py     # the same through the environment (Hugging Face Spaces)
+
+Layout and wiring only: model logic lives in ``cellhub.predict`` and ``cellhub.cam``; labels,
+preprocessing and abstention thresholds come from each checkpoint's ``config.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cellhub.predict import (  # noqa: E402
+    DEFAULT_LIMITS,
+    BatchResult,
+    Consensus,
+    InputError,
+    Limits,
+    Prediction,
+    Predictor,
+    collect_images,
+    consensus,
+    load_predictors,
+    predict_files,
+    read_image,
+)
+from cellhub.tasks import TASKS  # noqa: E402
+
+logger = logging.getLogger("cellhub.app")
+
+ROOT = Path(__file__).resolve().parent
+BUNDLED_DIR = ROOT / "checkpoints"
+ENV_MODELS = "CELLHUB_MODELS"
+#: upload size the server accepts at all (a batch .zip); per-image limits are in ``Limits``
+MAX_UPLOAD = "300mb"
+BATCH_SIZE = 32
+
+DISCLAIMER = (
+    "Research and teaching tool — **not a medical device**. Predictions can be wrong, especially on "
+    "images unlike the training data (other stains, microscopes, magnifications); a flagged result "
+    "must be reviewed by a qualified person."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def bundled_checkpoints(root: str | Path = BUNDLED_DIR) -> list[Path]:
+    """Checkpoint folders (with a ``config.json``) directly under ``root``, sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+
+
+def model_sources(models: Sequence[str] = (), *, bundled: bool = True, env: str | None = None) -> list[str]:
+    """Bundled checkpoints + ``CELLHUB_MODELS`` (comma/space separated) + ``--models``, deduplicated."""
+    env = os.environ.get(ENV_MODELS, "") if env is None else env
+    sources = [str(p) for p in bundled_checkpoints()] if bundled else []
+    sources += [s for s in env.replace(",", " ").split() if s]
+    sources += [str(m) for m in models]
+    seen: set[str] = set()
+    return [s for s in sources if not (s in seen or seen.add(s))]
+
+
+def _task_of(predictor: Predictor) -> str:
+    """The checkpoint's task; a checkpoint without one is matched to a task by its labels."""
+    if predictor.task:
+        return str(predictor.task)
+    for name, task in TASKS.items():
+        if sorted(task.labels) == sorted(predictor.labels):
+            return name
+    return "custom: " + ", ".join(predictor.labels)
+
+
+def _task_title(task: str) -> str:
+    spec = TASKS.get(task)
+    return task.replace("-", " ").capitalize() if spec is None else spec.name.replace("-", " ").capitalize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting (pure functions, no model logic)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _threshold_text(p: Predictor) -> str:
+    return "none in checkpoint" if p.threshold is None else f"{p.threshold:.3f}"
+
+
+def models_markdown(by_task: dict[str, list[Predictor]], failures: Sequence[tuple[str, str]]) -> str:
+    if not by_task:
+        lines = ["**No model is loaded.** Start the app with `python app.py --models ORG/NAME` or a checkpoint folder."]
+    else:
+        lines = ["| model | task | architecture | labels | abstention threshold |", "|---|---|---|---|---|"]
+        for task, preds in by_task.items():
+            for p in preds:
+                lines.append(
+                    f"| {p.name} | {task} | {p.architecture} | {', '.join(p.labels)} | {_threshold_text(p)} |"
+                )
+    for src, err in failures:
+        lines.append(f"\n⚠️ could not load `{src}`: {err.splitlines()[0][:300]}")
+    return "\n".join(lines)
+
+
+def consensus_markdown(cons: Consensus, n_models: int) -> str:
+    if cons.label is None:
+        return "No prediction."
+    head = f"### Consensus: **{cons.label}** — {len(cons.agree)} of {n_models} model(s) agree ({', '.join(cons.agree)})"
+    if cons.uncertain:
+        body = "⚠️ **Uncertain — refer for manual review:** " + "; ".join(cons.reasons) + "."
+    else:
+        body = "✅ All models agree and every confidence is at or above its checkpoint's abstention threshold."
+    notes = "".join(f"\n\nℹ️ {n}." for n in cons.notes)
+    return f"{head}\n\n{body}{notes}"
+
+
+def model_header(p: Predictor, pred: Prediction) -> str:
+    flag = " · ⚠️ under threshold" if pred.abstain else ""
+    return (
+        f"#### {p.name}\n{pred.label} ({pred.confidence:.1%}) · {_fmt_seconds(pred.seconds)} · "
+        f"threshold {_threshold_text(p)}{flag}"
+    )
+
+
+def counts_markdown(result: BatchResult, task: str) -> str:
+    n = len(result.files)
+    flagged = sum(c.uncertain for c in result.consensus)
+    title = "White-cell differential" if task == "blood-cells" else "Share of cells by class"
+    lines = [
+        f"### {title} — {n} image(s), consensus of {len(result.models)} model(s), {_fmt_seconds(result.seconds)}",
+        "| class | count | % |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {label} | {count} | {pct:.1f}% |" for label, count, pct in result.counts()]
+    lines.append(f"\n{flagged} of {n} image(s) flagged **uncertain — refer for manual review**.")
+    return "\n".join(lines)
+
+
+def skipped_markdown(skipped: Sequence[tuple[str, str]]) -> str:
+    if not skipped:
+        return ""
+    shown = "\n".join(f"- `{name}`: {reason}" for name, reason in skipped[:50])
+    more = f"\n- … and {len(skipped) - 50} more" if len(skipped) > 50 else ""
+    return f"**Skipped {len(skipped)} file(s):**\n{shown}{more}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+
+class CellImage(gr.Image):
+    """``gr.Image`` whose upload decoding errors become a clear ``gr.Error`` (not a stack trace)."""
+
+    is_template = True  # render with the stock image component in the browser
+
+    def preprocess(self, payload: Any) -> Any:
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as exc:  # PIL could not even read the header
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            raise gr.Error(
+                f"{name} is not an image that can be read ({type(exc).__name__}); upload a PNG, JPEG, "
+                "TIFF, BMP or WebP cell image.",
+                print_exception=False,
+            ) from exc
+
+
+def build_app(
+    models: Sequence[Predictor],
+    *,
+    failures: Sequence[tuple[str, str]] = (),
+    limits: Limits = DEFAULT_LIMITS,
+) -> gr.Blocks:
+    """The demo as a ``gr.Blocks`` (not launched) for already-loaded ``models``.
+
+    API (``gradio_client``): ``/predict`` (image file, task name) and ``/predict_batch`` (list of
+    image files or a .zip, task name).
+    """
+    by_task: dict[str, list[Predictor]] = {}
+    for p in models:
+        by_task.setdefault(_task_of(p), []).append(p)
+    tasks = list(by_task)
+    n_slots = max((len(v) for v in by_task.values()), default=1)
+    out_dir = Path(tempfile.mkdtemp(prefix="cellhub-app-"))
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
+
+    def models_for(task: str | None) -> list[Predictor]:
+        if not by_task:
+            raise gr.Error("No model is loaded; restart the app with --models or bundled checkpoints.")
+        key = (task or "").strip()
+        if key not in by_task:
+            raise gr.Error(f"Unknown task {task!r}: the loaded models cover {', '.join(map(repr, tasks))}.")
+        return by_task[key]
+
+    def predict_single(image: str | None, task: str) -> list[Any]:
+        predictors = models_for(task)
+        if not image:
+            raise gr.Error("No image uploaded: drop a cell image (PNG, JPEG, TIFF, BMP or WebP) first.")
+        try:
+            img = read_image(image, name=Path(image).name, limits=limits)
+        except InputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
+        preds: list[Prediction] = []
+        slots: list[Any] = []
+        for p in predictors:
+            pred = p.predict([img], with_cam=True)[0]
+            preds.append(pred)
+            cam_img = p.overlay(img, pred) if pred.cam is not None else None
+            slots += [
+                gr.update(value=model_header(p, pred), visible=True),
+                gr.update(value=pred.probs, label=f"{p.name}: probabilities", visible=True),
+                gr.update(
+                    value=cam_img,
+                    label=f"{p.name}: Grad-CAM ({pred.label})" if cam_img else f"{p.name}: no Grad-CAM for this model",
+                    visible=True,
+                ),
+            ]
+        for _ in range(n_slots - len(predictors)):
+            slots += [gr.update(value="", visible=False), gr.update(value=None, visible=False), gr.update(value=None, visible=False)]
+        cons = consensus(preds)
+        summary = {
+            "task": task,
+            "image_size": list(img.size),
+            "consensus": cons.as_dict(),
+            "models": [pr.as_dict() for pr in preds],
+        }
+        return [consensus_markdown(cons, len(preds)), summary, *slots]
+
+    def predict_batch(files: list[str] | str | None, task: str, progress: gr.Progress = gr.Progress()) -> list[Any]:
+        predictors = models_for(task)
+        if isinstance(files, (str, Path)):
+            files = [files]
+        paths = [str(getattr(f, "name", f)) for f in (files or []) if f]
+        if not paths:
+            raise gr.Error("No files uploaded: add cell images, or one .zip of them.")
+        try:
+            refs, skipped = collect_images(paths, names=[Path(p).name for p in paths], limits=limits)
+        except InputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
+        if not refs:
+            raise gr.Error("No images found in the upload. " + "; ".join(f"{n}: {r}" for n, r in skipped[:5]))
+
+        def report(done: int, total: int, message: str) -> None:
+            progress((done, total), desc=message, unit="images")
+
+        result = predict_files(predictors, refs, limits=limits, batch_size=BATCH_SIZE, progress=report)
+        result.skipped = skipped + result.skipped
+        if not result.files:
+            raise gr.Error(
+                f"None of the {len(refs)} file(s) could be read as an image: "
+                + "; ".join(f"{n}: {r}" for n, r in result.skipped[:5])
+            )
+        csv_path = result.write_csv(out_dir / f"cellhub-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.csv")
+        table = pd.DataFrame(result.rows(), columns=result.header())
+        return [counts_markdown(result, task), table, str(csv_path), skipped_markdown(result.skipped)]
+
+    with gr.Blocks(title="cellhub — blood-smear cell classifier", delete_cache=(3600, 7200)) as demo:
+        gr.Markdown(
+            "# cellhub — blood-smear cell classifier\n"
+            "Classify white blood cells (eosinophil, lymphocyte, monocyte, neutrophil) or malaria-infected "
+            "red cells with every loaded model side by side, each with a Grad-CAM heat map of where it looked.\n\n"
+            + DISCLAIMER
+        )
+        with gr.Accordion("Loaded models", open=not by_task or bool(failures)):
+            gr.Markdown(models_markdown(by_task, failures), elem_id="models-table")
+        task = gr.Radio(
+            choices=[(f"{_task_title(t)} ({len(by_task[t])} model{'s' if len(by_task[t]) > 1 else ''})", t) for t in tasks],
+            value=tasks[0] if tasks else None,
+            label="Task",
+            elem_id="task",
+        )
+        with gr.Tab("Single image"):
+            with gr.Row():
+                image = CellImage(
+                    type="filepath",
+                    image_mode=None,  # our reader decodes (limits, EXIF, 16-bit) and reports errors
+                    sources=["upload", "clipboard"],
+                    label="Cell image",
+                    height=320,
+                    elem_id="single-image",
+                )
+                with gr.Column():
+                    run = gr.Button("Classify", variant="primary", elem_id="classify")
+                    gr.Markdown(
+                        f"One cell crop per image (PNG, JPEG, TIFF, BMP, WebP), up to "
+                        f"{limits.max_pixels / 1e6:.0f} MP and {limits.max_image_bytes // 2**20} MB."
+                    )
+            consensus_md = gr.Markdown(elem_id="consensus")
+            slots: list[gr.components.Component] = []
+            with gr.Row(equal_height=False):
+                for i in range(n_slots):
+                    with gr.Column(min_width=220):
+                        slots += [
+                            gr.Markdown(visible=False, elem_id=f"model-{i}-header"),
+                            gr.Label(num_top_classes=5, visible=False, elem_id=f"model-{i}-label"),
+                            gr.Image(format="png", visible=False, interactive=False, elem_id=f"model-{i}-cam"),
+                        ]
+            with gr.Accordion("Result as JSON", open=False):
+                result_json = gr.JSON(elem_id="result-json")
+        with gr.Tab("Batch"):
+            files = gr.File(
+                file_count="multiple",
+                file_types=["image", ".zip"],
+                label="Cell images, or a .zip of them",
+                elem_id="batch-files",
+            )
+            run_batch = gr.Button("Classify all", variant="primary", elem_id="classify-batch")
+            batch_summary = gr.Markdown(elem_id="batch-summary")
+            batch_table = gr.Dataframe(label="Per-image results", interactive=False, wrap=True, elem_id="batch-table")
+            batch_csv = gr.File(label="Download CSV", interactive=False, elem_id="batch-csv")
+            batch_skipped = gr.Markdown(elem_id="batch-skipped")
+
+        single_outputs = [consensus_md, result_json, *slots]
+        run.click(predict_single, [image, task], single_outputs, api_name="predict")
+        image.upload(predict_single, [image, task], single_outputs, api_visibility="private")
+        run_batch.click(
+            predict_batch,
+            [files, task],
+            [batch_summary, batch_table, batch_csv, batch_skipped],
+            api_name="predict_batch",
+        )
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="Serve the cellhub demo (Gradio). Loads the bundled checkpoints in ./checkpoints, the "
+        f"models in ${ENV_MODELS} and those given with --models, once, at start.",
+    )
+    parser.add_argument("--models", nargs="+", default=[], metavar="ID_OR_DIR", help="Hub model ids or checkpoint folders")
+    parser.add_argument("--no-bundled", action="store_true", help="do not load the checkpoints bundled in ./checkpoints")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="default 127.0.0.1; 0.0.0.0 to serve the network")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="default 7860")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests run at once (default 2); others queue")
+    parser.add_argument("--queue-size", type=int, default=32, help="requests waiting at most (default 32)")
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    sources = model_sources(args.models, bundled=not args.no_bundled)
+    if not sources:
+        print(f"No models to load: {BUNDLED_DIR} has no checkpoints and neither --models nor ${ENV_MODELS} is set.", file=sys.stderr)
+    predictors, failures = load_predictors(sources, device=args.device)
+    print(f"Loaded {len(predictors)} of {len(sources)} model(s):")
+    for p in predictors:
+        print(f"  ✓ {p.name:<28} task={_task_of(p):<12} labels={','.join(p.labels)}  threshold={_threshold_text(p)}")
+    for src, err in failures:
+        print(f"  ✗ {src}: {err.splitlines()[0]}  (skipped)")
+    demo = build_app(predictors, failures=failures)
+    demo.queue(default_concurrency_limit=max(1, args.concurrency), max_size=max(1, args.queue_size))
+    print(f"Serving on http://{args.host}:{args.port}  (Ctrl+C to stop)")
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Class activation maps: where in the image a model found the evidence for a class.
+
+Two ways to compute the same Grad-CAM map:
+
+* **exact CAM** for models whose head is global average pooling followed by one linear layer
+  (ResNets, the small CNN). For such a head the gradient of logit *c* with respect to feature map
+  *k* is the constant ``w_ck / (h*w)``, so Grad-CAM equals ``ReLU(sum_k w_ck A_k)`` up to scale:
+  one forward pass gives the logits *and* the maps of every class, no backward pass needed.
+* **pytorch-grad-cam** (the ``grad-cam`` package) for any other head (VGG16's convolutional MLP).
+
+Both return maps in ``[0, 1]`` at the model's input size, normalised the way pytorch-grad-cam
+does (per map: ReLU, min-max, bilinear upsampling, min-max), so the two agree for GAP+linear
+heads (``tests/test_cam.py`` checks a correlation >= 0.999).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+__all__ = [
+    "gradcam",
+    "class_activation_maps",
+    "supports_exact_cam",
+    "normalize_cams",
+    "overlay",
+]
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["auto", "exact", "gradcam"]
+
+
+def _cam_layer(model: nn.Module) -> nn.Module:
+    from cellhub.models import cam_layer  # the model registry names the layer CAM hooks
+
+    return cam_layer(model)
+
+
+def _linear_head(model: nn.Module) -> nn.Linear | None:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def supports_exact_cam(model: nn.Module) -> bool:
+    """True when the model's head is global average pooling + one linear layer.
+
+    Asks the model registry (``cellhub.models.is_gap_linear_head``); models from elsewhere
+    qualify when ``get_classifier()`` is an ``nn.Linear``. :func:`class_activation_maps` still
+    verifies the claim numerically on every call.
+    """
+    if _linear_head(model) is None:
+        return False
+    try:
+        from cellhub.models import is_gap_linear_head
+    except ImportError:  # pragma: no cover - registry not importable
+        return False
+    return bool(is_gap_linear_head(model))
+
+
+class NotGapLinearError(ValueError):
+    """The model's head is not global-average-pooling + linear over the CAM layer."""
+
+
+def class_activation_maps(
+    model: nn.Module, x: torch.Tensor, layer: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass -> ``(logits (B,K), raw CAMs (B,K,h,w))`` for every class at once.
+
+    The raw map of class *c* is ``sum_k w_ck A_k`` over the feature maps ``A`` of ``layer``
+    (default: ``cellhub.models.cam_layer(model)``); apply :func:`normalize_cams` to get images.
+    Raises :class:`NotGapLinearError` if the logits are not ``linear(mean(A))`` — i.e. the head
+    is not of the form that makes this exact.
+    """
+    head = _linear_head(model)
+    if head is None:
+        raise NotGapLinearError(
+            f"{type(model).__name__}.get_classifier() is not an nn.Linear; use method='gradcam'."
+        )
+    layer = layer if layer is not None else _cam_layer(model)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.inference_mode():
+            logits = model(x)
+    finally:
+        handle.remove()
+    if not captured:
+        raise NotGapLinearError(f"the CAM layer {type(layer).__name__} was not run by the forward pass")
+    feats = captured[-1]
+    if feats.ndim != 4 or feats.shape[1] != head.in_features:
+        raise NotGapLinearError(
+            f"CAM layer output has shape {tuple(feats.shape)}; expected (B, {head.in_features}, h, w)"
+        )
+    with torch.inference_mode():
+        weight = head.weight.to(feats.dtype)
+        rebuilt = feats.float().mean(dim=(2, 3)) @ head.weight.float().T
+        if head.bias is not None:
+            rebuilt = rebuilt + head.bias.float()
+        tol = 1e-3 * (1.0 + logits.float().abs().max().item())
+        if rebuilt.shape != logits.shape or (rebuilt - logits.float()).abs().max().item() > tol:
+            raise NotGapLinearError(
+                "logits are not linear(global_average_pool(features)); the exact CAM does not apply"
+            )
+        cams = torch.einsum("kc,bchw->bkhw", weight, feats)
+    return logits, cams
+
+
+def normalize_cams(cams: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """ReLU, min-max to [0,1], bilinear upsampling to ``size`` = (H, W), min-max again.
+
+    ``cams`` is (..., h, w); the result is float32 (..., H, W). Same steps as pytorch-grad-cam's
+    ``scale_cam_image`` so that exact CAMs and Grad-CAMs are comparable.
+    """
+    t = torch.as_tensor(np.asarray(cams) if not isinstance(cams, torch.Tensor) else cams).float()
+    lead = t.shape[:-2]
+    t = t.reshape(-1, 1, *t.shape[-2:]).clamp_min(0)
+    t = _minmax(t)
+    t = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+    t = _minmax(t.clamp_min(0))
+    return t.reshape(*lead, *size).cpu().numpy().astype(np.float32)
+
+
+def _minmax(t: torch.Tensor) -> torch.Tensor:
+    flat = t.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    t = t - lo
+    hi = t.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
+    return t / (hi + 1e-7)
+
+
+def _validate_classes(class_idx: int | Sequence[int] | None, batch: int, num_classes: int) -> list[int] | None:
+    if class_idx is None:
+        return None
+    idx = [int(class_idx)] * batch if np.ndim(class_idx) == 0 else [int(c) for c in class_idx]  # type: ignore[union-attr]
+    if len(idx) != batch:
+        raise ValueError(f"class_idx has {len(idx)} entries for a batch of {batch} images")
+    bad = [c for c in idx if not 0 <= c < num_classes]
+    if bad:
+        # pytorch-grad-cam's __exit__ swallows IndexError, so an out-of-range class would
+        # silently yield no map: refuse it here with a clear message instead.
+        raise ValueError(f"class index {bad[0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+    return idx
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    out = getattr(head, "out_features", None) or getattr(head, "out_channels", None)
+    if out:
+        return int(out)
+    n = getattr(model, "num_classes", None)
+    if n:
+        return int(n)
+    with torch.inference_mode():
+        return int(model(x[:1]).shape[-1])
+
+
+def gradcam(
+    model: nn.Module,
+    x: torch.Tensor,
+    class_idx: int | Sequence[int] | None = None,
+    *,
+    method: Method = "auto",
+    layer: nn.Module | None = None,
+    return_logits: bool = False,
+) -> np.ndarray | tuple[np.ndarray, torch.Tensor]:
+    """Grad-CAM maps ``(B, H, W)`` in ``[0, 1]`` at the input size of ``x`` (B,3,H,W).
+
+    ``class_idx``: one class for all images, one per image, or ``None`` for each image's
+    predicted class. ``method``: ``"exact"`` (GAP+linear heads, forward pass only),
+    ``"gradcam"`` (pytorch-grad-cam, any head) or ``"auto"`` (exact when the head allows it).
+    With ``return_logits=True`` also returns the logits of the same forward pass.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+    if method not in ("auto", "exact", "gradcam"):
+        raise ValueError(f"unknown CAM method {method!r}; choose 'auto', 'exact' or 'gradcam'")
+    was_training = model.training
+    model.eval()
+    try:
+        idx = _validate_classes(class_idx, x.shape[0], _num_classes(model, x))
+        use_exact = method == "exact" or (method == "auto" and supports_exact_cam(model))
+        if use_exact:
+            try:
+                logits, cams = class_activation_maps(model, x, layer)
+            except NotGapLinearError as exc:
+                if method == "exact":
+                    raise
+                logger.warning("exact CAM not applicable (%s); falling back to pytorch-grad-cam", exc)
+            else:
+                chosen = logits.argmax(dim=1).tolist() if idx is None else idx
+                picked = cams[torch.arange(cams.shape[0]), torch.as_tensor(chosen)]
+                maps = normalize_cams(picked, tuple(x.shape[-2:]))
+                return (maps, logits) if return_logits else maps
+        maps, logits = _pytorch_gradcam(model, x, idx, layer)
+        return (maps, logits) if return_logits else maps
+    finally:
+        model.train(was_training)
+
+
+def _pytorch_gradcam(
+    model: nn.Module, x: torch.Tensor, idx: list[int] | None, layer: nn.Module | None
+) -> tuple[np.ndarray, torch.Tensor]:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer = layer if layer is not None else _cam_layer(model)
+    # Gradients must reach the CAM layer even when the backbone is frozen.
+    inp = x.detach().clone().requires_grad_(True)
+    targets = None if idx is None else [ClassifierOutputTarget(c) for c in idx]
+    with torch.enable_grad(), GradCAM(model=model, target_layers=[layer]) as engine:
+        maps = engine(input_tensor=inp, targets=targets)
+        logits = engine.outputs.detach()
+    model.zero_grad(set_to_none=True)
+    if maps is None or len(maps) != x.shape[0]:  # GradCAM.__exit__ swallows IndexError
+        raise RuntimeError("pytorch-grad-cam returned no maps; check the CAM layer and class index")
+    return np.clip(np.asarray(maps, dtype=np.float32), 0.0, 1.0), logits
+
+
+def overlay(
+    image: Image.Image | np.ndarray,
+    cam: np.ndarray,
+    *,
+    alpha: float = 0.45,
+    box: tuple[float, float, float, float] | None = None,
+    colormap: int = cv2.COLORMAP_JET,
+) -> Image.Image:
+    """Blend a ``[0,1]`` map over ``image`` as a heat map, at the image's own size (RGB out).
+
+    ``box`` = (left, top, right, bottom) in image pixels is the region the model saw (e.g. after
+    a centre crop); the map is drawn there and nothing outside. Default: the whole image.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    base_arr = np.asarray(base.convert("RGB"), dtype=np.float32) / 255.0
+    height, width = base_arr.shape[:2]
+    cam = np.nan_to_num(np.asarray(cam, dtype=np.float32).squeeze(), nan=0.0)
+    if cam.ndim != 2:
+        raise ValueError(f"cam must be a 2-D map, got shape {cam.shape}")
+    full = np.zeros((height, width), dtype=np.float32)
+    left, top, right, bottom = (0, 0, width, height) if box is None else (int(round(v)) for v in box)
+    left, top = max(left, 0), max(top, 0)
+    right, bottom = min(right, width), min(bottom, height)
+    if right > left and bottom > top:
+        full[top:bottom, left:right] = cv2.resize(cam, (right - left, bottom - top), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(np.uint8(255 * np.clip(full, 0, 1)), colormap)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    if box is not None:  # outside the model's view: the plain image
+        mask = np.zeros((height, width, 1), dtype=np.float32)
+        mask[top:bottom, left:right] = 1.0
+        heat = heat * mask + base_arr * (1 - mask)
+    blended = alpha * heat + (1 - alpha) * base_arr
+    return Image.fromarray(np.uint8(np.clip(blended, 0, 1) * 255 + 0.5))
