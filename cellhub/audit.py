@@ -1,0 +1,297 @@
+"""Leakage audit of a cell-image dataset: ``python -m cellhub audit PATH [--task T] [--json OUT]``.
+
+What it checks, and why:
+
+- images and distinct groups (slide/patient, source smear) per split and class: how many
+  *independent* samples a dataset really has (the Kaggle blood-cell TRAIN split is ~10,000 crops
+  of ~276 cells);
+- groups found in more than one split: such a group leaks between training and evaluation;
+- exact duplicates (same file bytes) and near-duplicates (perceptual hash, invariant to the
+  eight 90-degree rotations/flips) across splits, and exact duplicates within a split;
+- when there is no validation split: the grouped split :func:`cellhub.data.split_by_group` would
+  draw, with the near-duplicate pairs it leaves across it, next to a random split of the same size;
+- every skipped file and why.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+from .data import DatasetLayoutError, load_cell_dataset, split_by_group
+
+__all__ = ["audit_dataset", "format_report", "register_cli", "image_hashes"]
+
+logger = logging.getLogger(__name__)
+
+_DIHEDRAL = (None, PILImage.Transpose.ROTATE_90, PILImage.Transpose.ROTATE_180, PILImage.Transpose.ROTATE_270,
+             PILImage.Transpose.FLIP_LEFT_RIGHT, PILImage.Transpose.FLIP_TOP_BOTTOM,
+             PILImage.Transpose.TRANSPOSE, PILImage.Transpose.TRANSVERSE)
+_MAX_LISTED = 20
+
+
+def _hash_one(item: dict[str, Any]) -> tuple[str, np.ndarray]:
+    """(md5 of the file bytes, 8 perceptual hashes: one per rotation/flip) of one image."""
+    import imagehash
+
+    data = item.get("bytes")
+    if data is None:
+        with open(item["path"], "rb") as fh:
+            data = fh.read()
+    md5 = hashlib.md5(data).hexdigest()
+    with PILImage.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG":
+            im.draft("L", (64, 64))
+        small = im.convert("L").resize((32, 32), PILImage.LANCZOS)
+    hashes = np.empty(8, dtype=np.uint64)
+    for k, op in enumerate(_DIHEDRAL):
+        h = imagehash.phash(small if op is None else small.transpose(op))
+        hashes[k] = np.uint64(int(str(h), 16))
+    return md5, hashes
+
+
+def image_hashes(ds, *, progress: bool = True, workers: int | None = None) -> tuple[list[str], np.ndarray]:
+    """md5 of every image's bytes and an ``(N, 8)`` uint64 array of its dihedral perceptual hashes."""
+    from datasets import Image
+    from tqdm.auto import tqdm
+
+    items = list(ds.cast_column("image", Image(decode=False))["image"])
+    workers = workers or min(8, (os.cpu_count() or 1) + 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        out = list(tqdm(pool.map(_hash_one, items, chunksize=32), total=len(items), desc="hashing images",
+                        unit="img", disable=not progress or len(items) < 200))
+    md5s = [m for m, _ in out]
+    ph = np.stack([h for _, h in out]) if out else np.zeros((0, 8), dtype=np.uint64)
+    return md5s, ph
+
+
+def _near_pairs(a: np.ndarray, b: np.ndarray, threshold: int, same: bool = False,
+                chunk: int = 512) -> list[tuple[int, int, int]]:
+    """(i, j, distance) with min over a's 8 variants of hamming(a_i, b_j) <= threshold."""
+    pairs: list[tuple[int, int, int]] = []
+    if len(a) == 0 or len(b) == 0:
+        return pairs
+    b0 = b[:, 0]
+    for start in range(0, len(a), chunk):
+        block = a[start:start + chunk]  # (c, 8)
+        dist = np.bitwise_count(block[:, :, None] ^ b0[None, None, :]).min(axis=1)  # (c, nb)
+        ii, jj = np.nonzero(dist <= threshold)
+        for i, j in zip(ii, jj):
+            gi = start + int(i)
+            if same and gi >= int(j):
+                continue
+            pairs.append((gi, int(j), int(dist[i, j])))
+    return pairs
+
+
+def audit_dataset(source: str | os.PathLike, task: str | None = None, *, cache_dir: str | os.PathLike | None = None,
+                  smear_dir: str | os.PathLike | None = None, near_threshold: int = 4, val_fraction: float = 0.2,
+                  seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Audit ``source`` (anything :func:`cellhub.load_cell_dataset` accepts); returns a JSON-able dict.
+
+    ``near_threshold`` is the largest Hamming distance (of 64 bits) between perceptual hashes
+    that counts as a near-duplicate.
+    """
+    t0 = time.perf_counter()
+    dsd, report = load_cell_dataset(source, task, cache_dir=cache_dir, return_report=True,
+                                    smear_dir=smear_dir, progress=progress)
+    t_load = time.perf_counter() - t0
+    splits = list(dsd)
+    names = dsd[splits[0]].features["label"].names
+    out: dict[str, Any] = {
+        "source": str(source), "task": report.task, "source_kind": report.source_kind, "root": report.root,
+        "smear_dir": report.smear_dir, "group_method": report.group_method,
+        "smear_attribution": report.smear_attribution, "near_duplicate_threshold": near_threshold,
+        "splits": {}, "notes": list(report.notes), "ignored_nested_duplicates": report.ignored_duplicates,
+    }
+    labels: dict[str, np.ndarray] = {}
+    groups: dict[str, np.ndarray] = {}
+    files: dict[str, list[str]] = {}
+    for split in splits:
+        ds = dsd[split]
+        lab = np.asarray(list(ds["label"]))
+        grp = np.asarray([str(g) for g in ds["group"]])
+        labels[split], groups[split], files[split] = lab, grp, [str(f) for f in ds["file"]]
+        per_class = {}
+        for i, name in enumerate(names):
+            m = lab == i
+            per_class[name] = {"images": int(m.sum()), "groups": int(len(set(grp[m])))}
+        multi = sum(1 for g in set(grp) if len(set(lab[grp == g])) > 1) if len(grp) < 200_000 else None
+        out["splits"][split] = {
+            "images": len(ds), "groups": int(len(set(grp))), "per_class": per_class,
+            "unmatched_images": int(sum(g.startswith("unmatched:") for g in grp)),
+            "groups_with_several_labels": multi,
+        }
+    shared = {}
+    for a, b in combinations(splits, 2):
+        both = sorted(set(groups[a]) & set(groups[b]))
+        shared[f"{a}|{b}"] = {"count": len(both), "groups": both[:_MAX_LISTED]}
+    out["shared_groups"] = shared
+
+    t1 = time.perf_counter()
+    md5s: dict[str, list[str]] = {}
+    phs: dict[str, np.ndarray] = {}
+    for split in splits:
+        md5s[split], phs[split] = image_hashes(dsd[split], progress=progress)
+    t_hash = time.perf_counter() - t1
+
+    exact_within = {}
+    for split in splits:
+        by = defaultdict(list)
+        for i, m in enumerate(md5s[split]):
+            by[m].append(i)
+        dups = [[files[split][i] for i in idx] for idx in by.values() if len(idx) > 1]
+        exact_within[split] = {"sets": len(dups), "extra_copies": sum(len(d) - 1 for d in dups),
+                               "examples": dups[:_MAX_LISTED]}
+    out["exact_duplicates_within_split"] = exact_within
+    cross_exact, cross_near = {}, {}
+    for a, b in combinations(splits, 2):
+        index_b = defaultdict(list)
+        for j, m in enumerate(md5s[b]):
+            index_b[m].append(j)
+        ex = [(files[a][i], files[b][j]) for i, m in enumerate(md5s[a]) for j in index_b.get(m, [])]
+        cross_exact[f"{a}|{b}"] = {"count": len(ex), "examples": [list(p) for p in ex[:_MAX_LISTED]]}
+        near = _near_pairs(phs[a], phs[b], near_threshold)
+        cross_near[f"{a}|{b}"] = {
+            "pairs": len(near), "images_in_" + a: len({i for i, _, _ in near}),
+            "images_in_" + b: len({j for _, j, _ in near}),
+            "examples": [[files[a][i], files[b][j], d] for i, j, d in near[:_MAX_LISTED]],
+        }
+    out["exact_duplicates_across_splits"] = cross_exact
+    out["near_duplicates_across_splits"] = cross_near
+
+    if "validation" not in dsd and "train" in dsd and len(dsd["train"]) > 1:
+        out["grouped_validation_check"] = _split_check(dsd["train"], phs["train"], groups["train"],
+                                                       near_threshold, val_fraction, seed)
+    out["skipped"] = [{"path": p, "reason": r} for p, r in report.skipped]
+    out["skipped_by_reason"] = dict(Counter(r.split(" (")[0] for _, r in report.skipped))
+    out["seconds"] = {"load": round(t_load, 2), "hash": round(t_hash, 2),
+                      "total": round(time.perf_counter() - t0, 2)}
+    return out
+
+
+def _split_check(train, ph: np.ndarray, grp: np.ndarray, threshold: int, val_fraction: float,
+                 seed: int) -> dict[str, Any]:
+    """Near-duplicate pairs across the grouped validation split vs. a random split of the same size."""
+    ds = train.add_column("_row", list(range(len(train))))
+    parts = split_by_group(ds, val_fraction=val_fraction, seed=seed)
+    tr_idx = np.asarray(list(parts["train"]["_row"]))
+    va_idx = np.asarray(list(parts["validation"]["_row"]))
+    grouped = _near_pairs(ph[va_idx], ph[tr_idx], threshold) if len(va_idx) else []
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(train))
+    r_va, r_tr = perm[:len(va_idx)], perm[len(va_idx):]
+    random_pairs = _near_pairs(ph[r_va], ph[r_tr], threshold) if len(va_idx) else []
+    return {
+        "validation_images": int(len(va_idx)), "validation_groups": int(len(set(grp[va_idx]))),
+        "train_images": int(len(tr_idx)),
+        "groups_on_both_sides": int(len(set(grp[va_idx]) & set(grp[tr_idx]))),
+        "near_duplicate_pairs_across_grouped_split": len(grouped),
+        "validation_images_with_a_near_duplicate_in_train_grouped": len({i for i, _, _ in grouped}),
+        "near_duplicate_pairs_across_random_split": len(random_pairs),
+        "validation_images_with_a_near_duplicate_in_train_random": len({i for i, _, _ in random_pairs}),
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The audit as readable text."""
+    lines = [f"Audit of {r['source']}  (task {r['task']}, layout {r['source_kind']})"]
+    if r.get("root"):
+        lines.append(f"  dataset root: {r['root']}")
+    if r.get("smear_dir"):
+        lines.append(f"  smears:       {r['smear_dir']}")
+    for split, s in r["splits"].items():
+        method = r["group_method"].get(split, "?")
+        att = r["smear_attribution"].get(split)
+        extra = f", {att:.1%} of images attributed to a smear" if att is not None else ""
+        lines.append(f"\n[{split}] {s['images']} images, {s['groups']} distinct groups (grouping: {method}{extra})")
+        width = max(len(n) for n in s["per_class"])
+        for name, c in s["per_class"].items():
+            lines.append(f"    {name:<{width}}  {c['images']:>7} images  {c['groups']:>6} groups")
+        if s.get("unmatched_images"):
+            lines.append(f"    {s['unmatched_images']} images matched no smear (fallback groups 'unmatched:...')")
+        if s.get("groups_with_several_labels"):
+            lines.append(f"    {s['groups_with_several_labels']} groups hold images of more than one class")
+    lines.append("")
+    for key, v in r["shared_groups"].items():
+        a, b = key.split("|")
+        ex = f" e.g. {', '.join(v['groups'][:5])}" if v["groups"] else ""
+        lines.append(f"groups in both {a} and {b}: {v['count']}{ex}")
+    for split, v in r["exact_duplicates_within_split"].items():
+        lines.append(f"exact duplicates within {split}: {v['sets']} sets ({v['extra_copies']} extra copies)")
+    for key, v in r["exact_duplicates_across_splits"].items():
+        a, b = key.split("|")
+        lines.append(f"exact duplicates across {a}/{b}: {v['count']}")
+    for key, v in r["near_duplicates_across_splits"].items():
+        a, b = key.split("|")
+        lines.append(f"near-duplicates across {a}/{b} (phash distance <= {r['near_duplicate_threshold']}, "
+                     f"any 90-degree rotation/flip): {v['pairs']} pairs")
+    chk = r.get("grouped_validation_check")
+    if chk:
+        lines.append(
+            f"\nNo validation split: split_by_group would hold out {chk['validation_images']} images "
+            f"({chk['validation_groups']} groups; groups on both sides: {chk['groups_on_both_sides']}).")
+        lines.append(
+            f"  validation images with a near-duplicate in train: grouped split "
+            f"{chk['validation_images_with_a_near_duplicate_in_train_grouped']}, random split of the same size "
+            f"{chk['validation_images_with_a_near_duplicate_in_train_random']}")
+    if r["skipped"]:
+        lines.append(f"\nskipped {len(r['skipped'])} files: "
+                     + ", ".join(f"{n} {k}" for k, n in r["skipped_by_reason"].items()))
+        for item in r["skipped"][:_MAX_LISTED]:
+            lines.append(f"    {item['path']}: {item['reason']}")
+        if len(r["skipped"]) > _MAX_LISTED:
+            lines.append(f"    ... and {len(r['skipped']) - _MAX_LISTED} more (see --json)")
+    else:
+        lines.append("\nskipped files: none")
+    if r.get("ignored_nested_duplicates"):
+        lines.append(f"nested duplicate copy ignored: {r['ignored_nested_duplicates']} files")
+    sec = r["seconds"]
+    lines.append(f"time: {sec['total']:.1f} s (load {sec['load']:.1f} s, hashing {sec['hash']:.1f} s)")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        result = audit_dataset(args.path, args.task, cache_dir=args.cache_dir, smear_dir=args.smear_dir,
+                               near_threshold=args.threshold, progress=not args.no_progress)
+    except (DatasetLayoutError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"JSON report written to {path}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``audit`` to ``python -m cellhub``."""
+    p = subparsers.add_parser(
+        "audit", help="count images and groups per split, find leaks and duplicates",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="dataset folder (e.g. the unzipped Kaggle download) or Hub dataset id")
+    p.add_argument("--task", choices=["blood-cells", "malaria"], default=None,
+                   help="task (default: inferred from the class folders)")
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
+    p.add_argument("--smear-dir", default=None, help="folder of full smears (default: found next to the crops)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $CELLHUB_CACHE or ~/.cache/cellhub)")
+    p.add_argument("--threshold", type=int, default=4,
+                   help="largest perceptual-hash Hamming distance counted as a near-duplicate (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
