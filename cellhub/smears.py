@@ -46,7 +46,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -83,6 +83,23 @@ class MatchParams:
     ransac_threshold: float = 8.0  # reprojection error in full-resolution target pixels
     min_scale: float = 0.15  # accepted zoom range of the fitted affine (crop -> target)
     max_scale: float = 8.0
+    # rescue pass for crops the first pass could not match (e.g. crops zoomed *into* a small region
+    # of the smear): dense, uncapped features at full resolution. ``None`` disables it.
+    rescue_smear_scale: float | None = 1.0
+    rescue_crop_scale: float = 1.0
+    rescue_smear_features: int = 0  # 0 = no cap
+    rescue_contrast_threshold: float = 0.01
+
+    def rescue_params(self) -> "MatchParams":
+        """The parameters of the dense rescue pass."""
+        return replace(
+            self,
+            smear_scale=self.rescue_smear_scale or self.smear_scale,
+            crop_scale=self.rescue_crop_scale,
+            smear_features=self.rescue_smear_features,
+            contrast_threshold=self.rescue_contrast_threshold,
+            rescue_smear_scale=None,
+        )
 
 
 @dataclass(frozen=True)
@@ -393,9 +410,9 @@ def match_crops_to_smears(
     """Map each crop path to the id (file stem, e.g. ``"BloodImage_00012"``) of the smear it was cut from.
 
     A crop maps to ``None`` when no smear passes the geometric check, or when the crop cannot be
-    read (logged). Keys are the crop paths as given, as strings. Results are cached on disk (see the
-    module docstring); ``cache_dir=False`` is not supported — pass a temporary folder to avoid reuse.
-    ``workers`` threads match crops in parallel (default: half the CPU cores, at most 4).
+    read (logged). Keys are the crop paths as given, as strings, in input order. Results are cached
+    on disk under ``cache_dir`` (see the module docstring). ``workers`` threads match crops in
+    parallel (default: half the CPU cores, at most 4). ``params`` tunes the matcher (:class:`MatchParams`).
     """
     params = params or MatchParams()
     n_workers = _effective_workers(workers)
@@ -418,46 +435,81 @@ def match_crops_to_smears(
             todo.append((crop, key, ident))
     if not todo:
         logger.info("smear matches for %d crops loaded from cache %s", len(crops), cache_file)
-        return result
+        return {c: result[c] for c in crops}
 
     t0 = time.perf_counter()
+    passes = [params] + ([params.rescue_params()] if params.rescue_smear_scale else [])
+    pending = todo
     with _cv_threads(1 if n_workers > 1 else cv2.getNumThreads()):
-        extractor = _Extractor(params.smear_features, params.smear_scale, params.contrast_threshold)
-        names, bank = _build_bank(smear_paths, extractor, params, 1, progress, "smear features")
-        logger.info("indexed %d smears (%d descriptors) in %.1fs", len(names), len(bank.descs), time.perf_counter() - t0)
-        local = threading.local()
-
-        def match_one(item: tuple[str, str, tuple[int, int] | None]) -> tuple[str | None, int]:
-            crop, _, ident = item
-            if ident is None:
-                logger.warning("crop %s does not exist; mapped to None", crop)
-                return None, 0
-            gray = _read_gray(crop)
-            if gray is None:
-                return None, 0
-            ext = getattr(local, "extractor", None)
-            if ext is None:
-                ext = local.extractor = _Extractor(params.crop_features, params.crop_scale, params.contrast_threshold)
-            (m,) = _match_against([bank], gray, ext, params)
-            return (names[m.target] if m.target is not None else None), m.inliers
-
-        done = 0
-        for start in range(0, len(todo), _FLUSH_EVERY):
-            chunk = todo[start : start + _FLUSH_EVERY]
-            label = f"matching crops {start + 1}-{start + len(chunk)}/{len(todo)}" if len(todo) > _FLUSH_EVERY else "matching crops"
-            for (crop, key, ident), (smear, inliers) in zip(chunk, _map(match_one, chunk, n_workers, progress, label)):
-                result[crop] = smear
-                if ident is not None:
-                    entries[key] = {"size": ident[0], "mtime_ns": ident[1], "smear": smear, "inliers": inliers}
-            done += len(chunk)
-            _save_cache(cache_file, entries, meta)
+        for n_pass, pass_params in enumerate(passes):
+            last = n_pass == len(passes) - 1
+            if not pending:
+                break
+            if n_pass:
+                logger.info("%d crops unmatched: retrying with dense full-resolution smear features", len(pending))
+            outcomes = _match_pass(pending, smear_paths, pass_params, n_workers, progress, n_pass,
+                                   flush=lambda: _save_cache(cache_file, entries, meta), entries=entries,
+                                   result=result, final=last)
+            # crops that could be read but matched nothing go to the next pass
+            pending = [item for item, (smear, readable) in zip(pending, outcomes) if smear is None and readable]
 
     n_none = sum(result[c] is None for c, _, _ in todo)
     logger.info(
         "matched %d crops to smears in %.1fs: %d attributed, %d without a verified match",
         len(todo), time.perf_counter() - t0, len(todo) - n_none, n_none,
     )
-    return result
+    return {c: result[c] for c in crops}
+
+
+def _match_pass(
+    items: list[tuple[str, str, tuple[int, int] | None]],
+    smear_paths: Sequence[Path],
+    params: MatchParams,
+    n_workers: int,
+    progress: bool,
+    n_pass: int,
+    *,
+    flush,
+    entries: dict,
+    result: dict,
+    final: bool,
+) -> list[tuple[str | None, bool]]:
+    """One matching pass; fills ``result`` and (for matches, or on the final pass) cache ``entries``."""
+    t0 = time.perf_counter()
+    extractor = _Extractor(params.smear_features, params.smear_scale, params.contrast_threshold)
+    label = "smear features" + (" (dense)" if n_pass else "")
+    names, bank = _build_bank(smear_paths, extractor, params, 1, progress, label)
+    logger.info("indexed %d smears (%d descriptors) in %.1fs", len(names), len(bank.descs), time.perf_counter() - t0)
+    local = threading.local()
+
+    def match_one(item: tuple[str, str, tuple[int, int] | None]) -> tuple[str | None, int, bool]:
+        crop, _, ident = item
+        if ident is None:
+            logger.warning("crop %s does not exist; mapped to None", crop)
+            return None, 0, False
+        gray = _read_gray(crop)
+        if gray is None:
+            return None, 0, False
+        ext = getattr(local, "extractor", None)
+        if ext is None:
+            ext = local.extractor = _Extractor(params.crop_features, params.crop_scale, params.contrast_threshold)
+        (m,) = _match_against([bank], gray, ext, params)
+        return (names[m.target] if m.target is not None else None), m.inliers, True
+
+    outcomes: list[tuple[str | None, bool]] = []
+    for start in range(0, len(items), _FLUSH_EVERY):
+        chunk = items[start : start + _FLUSH_EVERY]
+        desc = "matching crops" + (" (dense)" if n_pass else "")
+        if len(items) > _FLUSH_EVERY:
+            desc += f" {start + 1}-{start + len(chunk)}/{len(items)}"
+        for (crop, key, ident), (smear, inliers, readable) in zip(chunk, _map(match_one, chunk, n_workers, progress, desc)):
+            result[crop] = smear
+            outcomes.append((smear, readable))
+            # an unmatched crop is only cached as None once every pass has tried it
+            if ident is not None and (smear is not None or final or not readable):
+                entries[key] = {"size": ident[0], "mtime_ns": ident[1], "smear": smear, "inliers": inliers}
+        flush()
+    return outcomes
 
 
 def fallback_groups(
