@@ -175,7 +175,7 @@ def check_image(path: str | Path) -> str | None:
         return f"refused: {exc}"
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         msg = str(exc) or type(exc).__name__
-        if "truncated" in msg:
+        if "truncated" in msg.lower():
             return f"truncated image ({msg})"
         return f"corrupt image ({msg})"
     return None
@@ -577,8 +577,11 @@ def _load_local(path: Path, task: Task | None, cache_dir: Path | None, smear_dir
         out[split] = ds
         report.splits[split] = len(ds)
     if not out:
-        raise DatasetLayoutError(f"No readable images under {layout.root} ({len(report.skipped)} files skipped: "
-                                 f"{_skip_summary(report.skipped)}).")
+        if report.skipped:
+            raise DatasetLayoutError(f"No readable images under {layout.root}: all {len(report.skipped)} files "
+                                     f"were skipped ({_skip_summary(report.skipped)}).")
+        raise DatasetLayoutError(f"No images in class folders under {layout.root}: they are empty. "
+                                 + _expected_text(task))
     return DatasetDict(out)
 
 
@@ -921,6 +924,10 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
     :func:`default_cache_dir`/``resized``), keyed by the images and the size, so a second run
     (or the next epoch, or the next training run) memory-maps it instead of decoding JPEGs.
     ``image`` is dropped unless ``keep_image`` (keeping it would make every row decode again).
+
+    Read the arrays as uint8 with ``ds.with_format("numpy", dtype=np.uint8)`` (or
+    ``with_format("torch", dtype=torch.uint8)``): ``datasets`` widens integer arrays to int64
+    otherwise, eight times the memory. Plain ``ds[i]["pixels"]`` gives nested lists (slow).
     """
     from datasets import Array3D, Features, Image, disable_progress_bars, enable_progress_bars
 
