@@ -231,18 +231,8 @@ def build_app(
         for p in predictors:
             pred = p.predict([img], with_cam=True)[0]
             preds.append(pred)
-            cam_img = p.overlay(img, pred) if pred.cam is not None else None
-            slots += [
-                gr.update(value=model_header(p, pred), visible=True),
-                gr.update(value=pred.probs, label=f"{p.name}: probabilities", visible=True),
-                gr.update(
-                    value=cam_img,
-                    label=f"{p.name}: Grad-CAM ({pred.label})" if cam_img else f"{p.name}: no Grad-CAM for this model",
-                    visible=True,
-                ),
-            ]
-        for _ in range(n_slots - len(predictors)):
-            slots += [gr.update(value="", visible=False), gr.update(value=None, visible=False), gr.update(value=None, visible=False)]
+            slots += [model_header(p, pred), pred.probs, p.overlay(img, pred) if pred.cam is not None else None]
+        slots += [None, None, None] * (n_slots - len(predictors))  # hidden slots of other tasks
         cons = consensus(preds)
         summary = {
             "task": task,
@@ -251,6 +241,20 @@ def build_app(
             "models": [pr.as_dict() for pr in preds],
         }
         return [consensus_markdown(cons, len(preds)), summary, *slots]
+
+    def show_slots(task: str | None) -> list[Any]:
+        """Show one (header, probabilities, Grad-CAM) slot per model of ``task``; clear old results."""
+        predictors = by_task.get(task or "", [])
+        updates: list[Any] = [gr.update(value=None), gr.update(value=None)]
+        for i in range(n_slots):
+            p = predictors[i] if i < len(predictors) else None
+            name = p.name if p else ""
+            updates += [
+                gr.update(value=f"#### {name}" if p else "", visible=p is not None),
+                gr.update(value=None, label=f"{name}: probabilities", visible=p is not None),
+                gr.update(value=None, label=f"{name}: Grad-CAM of the predicted class", visible=p is not None),
+            ]
+        return updates
 
     def predict_batch(files: list[str] | str | None, task: str, progress: gr.Progress = gr.Progress()) -> list[Any]:
         predictors = models_for(task)
@@ -313,13 +317,23 @@ def build_app(
                     )
             consensus_md = gr.Markdown(elem_id="consensus")
             slots: list[gr.components.Component] = []
+            first = by_task.get(tasks[0], []) if tasks else []
             with gr.Row(equal_height=False):
                 for i in range(n_slots):
+                    name = first[i].name if i < len(first) else ""
                     with gr.Column(min_width=220):
                         slots += [
-                            gr.Markdown(visible=False, elem_id=f"model-{i}-header"),
-                            gr.Label(num_top_classes=5, visible=False, elem_id=f"model-{i}-label"),
-                            gr.Image(format="png", visible=False, interactive=False, elem_id=f"model-{i}-cam"),
+                            gr.Markdown(f"#### {name}" if name else "", visible=bool(name), elem_id=f"model-{i}-header"),
+                            gr.Label(
+                                num_top_classes=5, label=f"{name}: probabilities", visible=bool(name), elem_id=f"model-{i}-label"
+                            ),
+                            gr.Image(
+                                format="png",
+                                label=f"{name}: Grad-CAM of the predicted class",
+                                visible=bool(name),
+                                interactive=False,
+                                elem_id=f"model-{i}-cam",
+                            ),
                         ]
             with gr.Accordion("Result as JSON", open=False):
                 result_json = gr.JSON(elem_id="result-json")
@@ -339,6 +353,7 @@ def build_app(
         single_outputs = [consensus_md, result_json, *slots]
         run.click(predict_single, [image, task], single_outputs, api_name="predict")
         image.upload(predict_single, [image, task], single_outputs, api_visibility="private")
+        task.change(show_slots, [task], single_outputs, api_visibility="private")
         run_batch.click(
             predict_batch,
             [files, task],
