@@ -1,0 +1,93 @@
+"""cellhub.audit: counts per split/class, shared groups, exact and near duplicates, skipped files, CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cellhub import synthetic
+from cellhub.__main__ import main
+from cellhub.audit import audit_dataset, format_report
+
+CLASSES = ("parasitized", "uninfected")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLHUB_CACHE", str(tmp_path / "cache"))
+
+
+def _tree(root: Path, splits: dict[str, list[int]], copies: int = 1) -> Path:
+    """root/{split}/{class}/C{g}P{g}ThinF_{k}.png: one textured picture per group, ``copies`` rotations of it."""
+    for split, groups in splits.items():
+        for g in groups:
+            cls = CLASSES[g % 2]
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            base = synthetic.draw_blood_cell("neutrophil", size=(48, 48), seed=g)
+            for k in range(copies):
+                img = base.rotate(90 * k) if k < 4 else base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                img.save(root / split / cls / f"C{g}P{g}ThinF_{k}.png")
+    return root
+
+
+def test_audit_counts_and_leaks(tmp_path):
+    root = _tree(tmp_path / "d", {"train": [1, 2, 3, 4, 5, 6], "test": [11, 12, 13, 14]})
+    # leak 1: an exact copy of a train image in test, same patient -> shared group, exact and near duplicate
+    shutil.copy(root / "train" / "uninfected" / "C1P1ThinF_0.png", root / "test" / "uninfected" / "C1P1ThinF_9.png")
+    # leak 2: a rotated copy under another patient's name -> only the perceptual hash can see it
+    Image.open(root / "train" / "parasitized" / "C2P2ThinF_0.png").rotate(270).save(
+        root / "test" / "parasitized" / "C99P99ThinF_0.png")
+    (root / "test" / "parasitized" / "C98P98ThinF_0.png").write_bytes(b"\x89PNG broken")
+    r = audit_dataset(root, progress=False)
+    assert r["task"] == "malaria" and r["source_kind"] == "imagefolder"
+    assert r["splits"]["train"]["images"] == 6 and r["splits"]["test"]["images"] == 6
+    assert r["splits"]["train"]["groups"] == 6 and r["splits"]["test"]["groups"] == 6
+    assert r["splits"]["test"]["per_class"] == {"parasitized": {"images": 3, "groups": 3},
+                                                "uninfected": {"images": 3, "groups": 3}}
+    assert r["shared_groups"]["train|test"] == {"count": 1, "groups": ["C1P1"]}
+    assert r["exact_duplicates_across_splits"]["train|test"]["count"] == 1
+    near = r["near_duplicates_across_splits"]["train|test"]
+    assert near["pairs"] == 2
+    assert {tuple(e[:2]) for e in near["examples"]} == {
+        ("uninfected/C1P1ThinF_0.png", "uninfected/C1P1ThinF_9.png"),
+        ("parasitized/C2P2ThinF_0.png", "parasitized/C99P99ThinF_0.png")}
+    assert [s["path"].endswith("C98P98ThinF_0.png") for s in r["skipped"]] == [True]
+    # no validation split: the audit shows the one training would draw out of train
+    assert r["grouped_validation_check"]["groups_on_both_sides"] == 0
+    text = format_report(r)
+    assert "groups in both train and test: 1" in text and "skipped 1 files" in text
+
+
+def test_grouped_split_check_separates_copies(tmp_path):
+    # every patient has 4 rotated copies of one picture: a random split leaks, the grouped one cannot
+    root = _tree(tmp_path / "d", {"train": list(range(1, 13))}, copies=4)
+    r = audit_dataset(root, progress=False)
+    chk = r["grouped_validation_check"]
+    assert chk["groups_on_both_sides"] == 0
+    assert chk["near_duplicate_pairs_across_grouped_split"] == 0
+    assert chk["validation_images_with_a_near_duplicate_in_train_random"] > 0
+    assert r["exact_duplicates_within_split"]["train"]["sets"] == 0
+
+
+def test_audit_cli_writes_json(tmp_path, capsys):
+    root = synthetic.write_kaggle_malaria(tmp_path / "m", n_per_class=4, n_patients=2, size=32)
+    out = tmp_path / "report" / "audit.json"
+    assert main(["audit", str(root), "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Audit of" in printed and "[train] 8 images" in printed and "nested duplicate copy ignored: 8" in printed
+    data = json.loads(out.read_text())
+    assert data["splits"]["train"]["images"] == 8 and data["ignored_nested_duplicates"] == 8
+    assert data["seconds"]["total"] >= 0
+
+
+def test_audit_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["audit", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["audit", str(tmp_path / "empty")]) == 2
+    assert "empty folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["audit", str(tmp_path), "--task", "dogs"])
