@@ -470,7 +470,9 @@ class Predictor:
         """Load a checkpoint (Hub id or local folder) with :func:`cellhub.hub.load_pretrained`."""
         from cellhub.hub import load_pretrained
 
-        model = load_pretrained(str(repo_id_or_dir))
+        device = _resolve_device(kwargs.pop("device", "cpu"))
+        model = load_pretrained(str(repo_id_or_dir), device=device)
+        kwargs["device"] = device
         if name is None:
             src = str(repo_id_or_dir).rstrip("/\\")
             name = Path(src).name if Path(src).exists() else src
