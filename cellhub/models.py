@@ -178,6 +178,14 @@ class SmallCNN(
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    def _save_pretrained(self, save_directory: Any) -> None:
+        """Mixin hook: weights as ``model.safetensors`` (with ``format=pt`` metadata)."""
+        from pathlib import Path
+
+        from safetensors.torch import save_model
+
+        save_model(self, str(Path(save_directory) / "model.safetensors"), metadata={"format": "pt"})
+
     @classmethod
     def _from_pretrained(  # type: ignore[override]
         cls,
