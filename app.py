@@ -64,9 +64,10 @@ DISCLAIMER = (
 # ---------------------------------------------------------------------------------------------
 
 
-def bundled_checkpoints(root: str | Path = BUNDLED_DIR) -> list[Path]:
-    """Checkpoint folders (with a ``config.json``) directly under ``root``, sorted by name."""
-    root = Path(root)
+def bundled_checkpoints(root: str | Path | None = None) -> list[Path]:
+    """Checkpoint folders (with a ``config.json``) directly under ``root`` (default
+    ``./checkpoints`` next to app.py), sorted by name."""
+    root = Path(BUNDLED_DIR if root is None else root)
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
@@ -313,7 +314,7 @@ def build_app(
                     run = gr.Button("Classify", variant="primary", elem_id="classify")
                     gr.Markdown(
                         f"One cell crop per image (PNG, JPEG, TIFF, BMP, WebP), up to "
-                        f"{limits.max_pixels / 1e6:.0f} MP and {limits.max_image_bytes // 2**20} MB."
+                        f"{limits.max_pixels / 1e6:g} MP and {limits.max_image_bytes // 2**20} MB."
                     )
             consensus_md = gr.Markdown(elem_id="consensus")
             slots: list[gr.components.Component] = []

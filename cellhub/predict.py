@@ -177,7 +177,7 @@ def read_image(
             if width * height > limits.max_pixels:
                 raise InputError(
                     f"{name}: {width}x{height} pixels ({width * height / 1e6:.1f} MP) is over the "
-                    f"{limits.max_pixels / 1e6:.0f} MP limit; downscale it or crop the cell."
+                    f"{limits.max_pixels / 1e6:g} MP limit; downscale it or crop the cell."
                 )
             if width == 0 or height == 0:
                 raise InputError(f"{name}: the image has no pixels ({width}x{height}).")
@@ -188,7 +188,7 @@ def read_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(
-            f"{name}: too many pixels ({exc}); the limit is {limits.max_pixels / 1e6:.0f} MP."
+            f"{name}: too many pixels ({exc}); the limit is {limits.max_pixels / 1e6:g} MP."
         ) from exc
     except UnidentifiedImageError as exc:
         raise InputError(

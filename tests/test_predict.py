@@ -167,7 +167,7 @@ def test_read_image_errors_name_the_file_and_the_problem(tmp_path: Path) -> None
     with pytest.raises(InputError, match=r"empty\.png: the file is empty"):
         read_image(empty)
     big = _png(Image.new("RGB", (20, 20)))
-    with pytest.raises(InputError, match=r"x\.png: 20x20 pixels .* over the 0 MP limit"):
+    with pytest.raises(InputError, match=r"x\.png: 20x20 pixels .* over the 0.0001 MP limit"):
         read_image(big, name="x.png", limits=Limits(max_pixels=100))
     with pytest.raises(InputError, match="over the 0.0 MB limit"):
         read_image(big, name="x.png", limits=Limits(max_image_bytes=10))
