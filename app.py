@@ -173,14 +173,17 @@ def skipped_markdown(skipped: Sequence[tuple[str, str]]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-class CellImage(gr.Image):
-    """``gr.Image`` whose upload decoding errors become a clear ``gr.Error`` (not a stack trace)."""
+def _friendly_decode_errors(image: gr.Image) -> gr.Image:
+    """Make ``image``'s upload decoding errors a clear ``gr.Error`` instead of a stack trace.
 
-    is_template = True  # render with the stock image component in the browser
+    Wraps this instance's ``preprocess`` (a subclass would make Gradio write a ``.pyi`` stub
+    next to app.py at import time).
+    """
+    original = image.preprocess
 
-    def preprocess(self, payload: Any) -> Any:
+    def preprocess(payload: Any) -> Any:
         try:
-            return super().preprocess(payload)
+            return original(payload)
         except gr.Error:
             raise
         except Exception as exc:  # PIL could not even read the header
@@ -190,6 +193,9 @@ class CellImage(gr.Image):
                 "TIFF, BMP or WebP cell image.",
                 print_exception=False,
             ) from exc
+
+    image.preprocess = preprocess  # type: ignore[method-assign]
+    return image
 
 
 def build_app(
@@ -302,13 +308,15 @@ def build_app(
         )
         with gr.Tab("Single image"):
             with gr.Row():
-                image = CellImage(
-                    type="filepath",
-                    image_mode=None,  # our reader decodes (limits, EXIF, 16-bit) and reports errors
-                    sources=["upload", "clipboard"],
-                    label="Cell image",
-                    height=320,
-                    elem_id="single-image",
+                image = _friendly_decode_errors(
+                    gr.Image(
+                        type="filepath",
+                        image_mode=None,  # our reader decodes (limits, EXIF, 16-bit) and reports errors
+                        sources=["upload", "clipboard"],
+                        label="Cell image",
+                        height=320,
+                        elem_id="single-image",
+                    )
                 )
                 with gr.Column():
                     run = gr.Button("Classify", variant="primary", elem_id="classify")
