@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cellhub.smears import match_crops_to_smears, smear_fields  # noqa: E402
+from cellhub.smears import fallback_groups, match_crops_to_smears, smear_fields  # noqa: E402
 
 
 def read_smear_labels(path: Path) -> dict[str, str]:
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--cache-dir", default=None, help="reuse a cache (default: fresh temporary one)")
     ap.add_argument("--fields", action="store_true", help="also count distinct fields (smear_fields)")
+    ap.add_argument("--fallback", action="store_true",
+                    help="also run fallback_groups (no smears) and score it against the smear attribution")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -87,7 +89,29 @@ def main(argv: list[str] | None = None) -> int:
         fields = smear_fields(smear_dir)
         n_fields = len({fields.get(s, s) for s in attributed.values()})
         print(f"distinct fields (overlapping smears merged): {n_fields}")
+    if args.fallback:
+        t0 = time.perf_counter()
+        groups = fallback_groups(list(attributed), progress=True)
+        wall = time.perf_counter() - t0
+        score_fallback(groups, attributed)
+        print(f"fallback wall time: {wall:.1f}s ({1000 * wall / max(len(attributed), 1):.1f} ms/crop)")
     return 0
+
+
+def score_fallback(groups: dict[str, str], smear_of: dict[str, str]) -> None:
+    """How well crop-only groups recover the smear attribution (taken as the truth here)."""
+    by_group: dict[str, Counter] = defaultdict(Counter)
+    by_smear: dict[str, Counter] = defaultdict(Counter)
+    for crop, group in groups.items():
+        by_group[group][smear_of[crop]] += 1
+        by_smear[smear_of[crop]][group] += 1
+    n = len(groups)
+    pure = sum(c.most_common(1)[0][1] for c in by_group.values())
+    main = sum(c.most_common(1)[0][1] for c in by_smear.values())
+    print(f"fallback groups: {len(by_group)} for {len(by_smear)} smears")
+    print(f"  purity (crops whose group's majority smear is theirs): {100 * pure / n:.2f}%")
+    print(f"  crops outside their smear's largest group (could leak across a split): {100 * (n - main) / n:.2f}%")
+    print(f"  smears split over >1 group: {sum(len(c) > 1 for c in by_smear.values())}")
 
 
 if __name__ == "__main__":

@@ -159,8 +159,6 @@ class _Extractor:
         return points, _root_sift(desc)
 
 
-def _crop_views(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    return gray, _padding_mask(gray), gray.shape[1]
 
 
 # --------------------------------------------------------------------------- feature bank
@@ -222,9 +220,12 @@ class _FeatureBank:
 def _affine_inliers(src: np.ndarray, dst: np.ndarray, p: MatchParams) -> int:
     if len(src) < 3:
         return 0
-    model, inliers = cv2.estimateAffine2D(
-        src, dst, method=cv2.RANSAC, ransacReprojThreshold=p.ransac_threshold, maxIters=2000, confidence=0.995
-    )
+    try:
+        model, inliers = cv2.estimateAffine2D(
+            src, dst, method=cv2.RANSAC, ransacReprojThreshold=p.ransac_threshold, maxIters=2000, confidence=0.995
+        )
+    except cv2.error:  # degenerate point sets
+        return 0
     if model is None or inliers is None or not np.isfinite(model).all():
         return 0
     linear = model[:, :2]
@@ -240,7 +241,7 @@ def _match_against(
     banks: Sequence[_FeatureBank], gray: np.ndarray, extractor: _Extractor, params: MatchParams
 ) -> list[_Match]:
     """Best verified target in each bank for one crop, trying the mirrored crop when needed."""
-    gray, mask, width = _crop_views(gray)
+    mask = _padding_mask(gray)
     results: list[_Match] = [_Match(None, 0, 0, False) for _ in banks]
     for flipped in (False, True):
         if flipped:
@@ -384,13 +385,41 @@ def _load_cache(path: Path) -> dict:
     return {}
 
 
+class _file_lock:
+    """Advisory lock (POSIX ``flock``) so processes sharing a cache merge instead of overwriting."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            self.fh = open(self.path, "a")
+            fcntl.flock(self.fh, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no flock (Windows) or read-only folder: best effort
+            if self.fh is not None:
+                self.fh.close()
+            self.fh = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            self.fh.close()  # closing releases the lock
+
+
 def _save_cache(path: Path, entries: dict, meta: dict) -> None:
+    """Merge ``entries`` into the cache file (another process may have added its own) atomically."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"version": _CACHE_VERSION, **meta, "entries": entries}, fh)
-        os.replace(tmp, path)
+        with _file_lock(path.with_name(path.name + ".lock")):
+            merged = _load_cache(path)
+            merged.update(entries)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"version": _CACHE_VERSION, **meta, "entries": merged}, fh)
+            os.replace(tmp, path)
     except OSError as exc:
         logger.warning("could not write smear-match cache %s (%s); results are not cached", path, exc)
 
@@ -440,7 +469,7 @@ def match_crops_to_smears(
     t0 = time.perf_counter()
     passes = [params] + ([params.rescue_params()] if params.rescue_smear_scale else [])
     pending = todo
-    with _cv_threads(1 if n_workers > 1 else cv2.getNumThreads()):
+    with _cv_threads(1):  # parallelism is ours (``workers``), so OpenCV stays on one thread each
         for n_pass, pass_params in enumerate(passes):
             last = n_pass == len(passes) - 1
             if not pending:
@@ -569,7 +598,7 @@ def fallback_groups(
                 if best_group is None:
                     best_group = n_groups
                     n_groups += 1
-                    points, desc = extractor(*_crop_views(gray)[:2])
+                    points, desc = extractor(gray, _padding_mask(gray))
                     if len(desc):
                         pending_pts.append(points)
                         pending_desc.append(desc)

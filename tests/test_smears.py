@@ -186,3 +186,14 @@ def test_on_cellhub_synthetic_kaggle_download(tmp_path):
     assert not wrong  # never the wrong smear
     # the drawn lymphocytes are nearly textureless, so allow one crop without a verified match
     assert sum(s is not None for s in result.values()) >= len(crops) - 1
+
+
+def test_cache_writes_merge_with_other_processes(dataset, tmp_path):
+    root, smear_dir, truth, _ = dataset
+    crops = list(truth)[:2]
+    match_crops_to_smears(crops, smear_dir, cache_dir=tmp_path, progress=False)
+    (cache_file,) = tmp_path.glob("crops-to-smears-*.json")
+    other = {"/elsewhere/x.jpeg": {"size": 1, "mtime_ns": 1, "smear": "BloodImage_00042", "inliers": 50}}
+    smears._save_cache(cache_file, other, {})  # as another process holding only its own entries would
+    entries = json.loads(cache_file.read_text())["entries"]
+    assert set(entries) == {str(Path(c).resolve()) for c in crops} | set(other)
