@@ -69,6 +69,8 @@ class TrainConfig:
     select_metric: str = "macro_f1"
     abstention_target: float = 0.95
     num_workers: int | None = None
+    #: torch intra-op CPU threads for this run (None: torch's default, one per core)
+    num_threads: int | None = None
     mixed_precision: str = "auto"
     channels_last: bool | None = None
     cache_dir: str | None = None
@@ -105,13 +107,15 @@ class TrainConfig:
             raise ValueError(f"abstention_target must be in (0, 1], got {self.abstention_target}.")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision {self.mixed_precision!r} unknown; choose auto, no, bf16 or fp16.")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
 
     def recipe(self) -> dict[str, Any]:
         """JSON-friendly record of the run's settings (without machine-local paths)."""
         d = asdict(self)
-        for k in ("output_dir", "cache_dir", "resume", "progress", "num_workers", "save_checkpoints"):
+        for k in ("output_dir", "cache_dir", "resume", "progress", "num_workers", "num_threads", "save_checkpoints"):
             d.pop(k, None)
         return d
 
@@ -336,7 +340,9 @@ def save_training_state(
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         digests[name] = _sha256(path)
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    sched = dict(scheduler.state_dict())
+    # our schedule is a plain function (rebuilt from the config), so nothing of it needs saving
+    sched["lr_lambdas"] = [None] * len(sched.get("lr_lambdas", []))
     state = dict(info, version=_STATE_VERSION, files=digests, optimizer=opt_info, rng=rng_info, scheduler=sched)
     with open(tmp / "state.json", "w") as f:
         json.dump(state, f)
@@ -451,11 +457,29 @@ def _quick_scores(p: np.ndarray, y: np.ndarray, loss: float) -> dict[str, float]
 def fit(cfg: TrainConfig) -> dict[str, Any]:
     """Train, select on grouped validation, evaluate, save. Returns the final metrics dict.
 
-    The returned dict (also ``metrics.json``) has one entry per evaluated split
-    (``validation``, ``test``, ``test_simple``, ``train``; each from
-    :func:`cellhub.metrics.classification_metrics`), plus ``best_epoch``, ``select_metric``,
-    ``abstention`` and ``train_test_gap`` (train accuracy minus test accuracy, where a test
-    split exists, else minus validation accuracy).
+    See :func:`_fit` for what is returned and written. ``cfg.num_threads`` applies to this
+    call only (the previous torch thread count is restored).
+    """
+    cfg.validate()
+    if cfg.num_threads is None:
+        return _fit(cfg)
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(cfg.num_threads))
+    try:
+        return _fit(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, select on grouped validation, evaluate, save. Returns the final metrics dict.
+
+    The returned dict (also ``metrics.json``) holds, at top level, the
+    :func:`cellhub.metrics.classification_metrics` of the headline split (``test`` when the
+    data has one, else the grouped ``validation``) with ``split`` naming it; ``splits`` maps
+    every evaluated split (``validation``, ``test``, ``test_simple``, ``train``) to its metrics;
+    plus ``best_epoch``, ``select_metric``, ``abstention`` and ``train_test_gap`` (train
+    accuracy minus headline accuracy).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -483,6 +507,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.dataset!r} has no 'train' split (splits: {', '.join(dsd)}); "
                          "training needs one. Evaluate it with `python -m cellhub evaluate` instead.")
     labels = list(dsd["train"].features["label"].names)
+    dsd_orig_splits = list(dsd)
     notes = list(cfg.notes)
     if "validation" not in dsd:
         parts = data.split_by_group(dsd["train"], val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -654,7 +679,17 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     p_val, y_val = probs["validation"]
     abst = metrics.choose_abstention_threshold(y_val, p_val, target_accuracy=cfg.abstention_target)
     ref = "test" if "test" in results else "validation"
-    summary: dict[str, Any] = {
+    split_desc = {
+        "validation": "validation: grouped hold-out (no source cell / patient also in train)"
+                      + ("" if "validation" in dsd_orig_splits else f", {cfg.val_fraction:.0%} of train by group"),
+        "test": "test: the dataset's own test split",
+    }[ref]
+    # metrics.json: the headline split's metrics at top level (what model cards and
+    # `python -m cellhub evaluate --json` show), every split under "splits"
+    summary: dict[str, Any] = dict(results[ref])
+    summary.update({
+        "split": {"name": ref, "description": split_desc},
+        "splits": results,
         "task": task_name,
         "model": cfg.model,
         "pretrained": bool(raw_model.cellhub_config.get("pretrained")),
@@ -662,13 +697,13 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         "select_metric": cfg.select_metric,
         "abstention": abst,
         "train_test_gap": {"reference_split": ref,
-                           "accuracy": results["train"]["accuracy"] - results[ref]["accuracy"]},
+                           "accuracy": results["train"]["accuracy"] - results[ref]["accuracy"],
+                           "train_images_evaluated": results["train"]["n_images"]},
         "n_train_images": len(train_set),
         "n_train_groups": len(set(map(str, splits["train"]["group"]))),
         "seconds": round(time.time() - t_start, 1),
         "notes": notes,
-    }
-    summary.update(results)
+    })
 
     if is_main:
         cc = raw_model.cellhub_config
@@ -680,29 +715,19 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
                             validation="grouped (no source cell / patient on both sides)",
                             best_epoch=best_epoch, notes=notes, mixed_precision=mp,
                             n_train_images=len(train_set), devices=accelerator.num_processes)
-        to_save = raw_model.to(memory_format=torch.contiguous_format) if channels_last else raw_model
-        hub.save_pretrained(to_save, out_dir, metrics=_compact(summary), history=history)
-        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+        # plots first: the model card written by save_pretrained embeds them when present
         metrics.plot_history(history, out_dir / "curves.png")
         metrics.plot_confusion(results[ref]["confusion_matrix"], labels, out_dir / "confusion_matrix.png",
                                title=f"{cfg.model} on {task_name} - {ref} (accuracy {results[ref]['accuracy']:.3f})")
+        to_save = raw_model.to(memory_format=torch.contiguous_format) if channels_last else raw_model
+        hub.save_pretrained(to_save, out_dir, metrics=summary, history=history)
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
         logger.info("Best epoch %d. %s accuracy %.4f (95%% CI %s), macro-F1 %.4f; abstain below confidence %.3f. "
                     "Saved to %s", best_epoch, ref, results[ref]["accuracy"], results[ref]["ci95"],
                     results[ref]["macro_f1"], abst["threshold"], out_dir)
     accelerator.wait_for_everyone()
     return summary
-
-
-def _compact(summary: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers for the model card / config (no per-image detail)."""
-    keep = ("accuracy", "balanced_accuracy", "macro_f1", "macro_f1_ci95", "auc", "ece", "ci95", "n_images",
-            "n_groups", "per_class", "confusion_matrix")
-    out = {k: summary[k] for k in ("task", "model", "best_epoch", "select_metric", "train_test_gap") if k in summary}
-    for split in ("validation", "test", "test_simple", "train"):
-        if split in summary:
-            out[split] = {k: summary[split][k] for k in keep if k in summary[split]}
-    return out
 
 
 # ----------------------------------------------------------------------------------- evaluate

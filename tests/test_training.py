@@ -1,0 +1,154 @@
+"""cellhub.training: a small CNN learns; resume is exact; checkpoints survive interruption."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cellhub import training
+from cellhub.synthetic import draw_blood_cell
+from cellhub.tasks import get_task
+from cellhub.training import CHECKPOINT_DIRNAME, TrainConfig, fit, load_training_state
+
+
+def make_blood_dataset(path, n_cells=10, copies=2, test_cells=6, size=48):
+    """A saved DatasetDict of synthetic white cells; each cell appears ``copies`` times (rotated),
+    all copies sharing one group, as in the Kaggle data."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+
+    task = get_task("blood-cells")
+    feats = Features({"image": Image(), "label": ClassLabel(names=list(task.labels)),
+                      "group": Value("string"), "file": Value("string")})
+
+    def split(n, k, seed):
+        rows = {"image": [], "label": [], "group": [], "file": []}
+        for li, lab in enumerate(task.labels):
+            for c in range(n):
+                cell = draw_blood_cell(lab, size=(size, size), seed=seed * 1000 + li * 100 + c)
+                for r in range(k):
+                    rows["image"].append(cell.rotate(90 * r))
+                    rows["label"].append(li)
+                    rows["group"].append(f"s{seed}-{lab}-{c}")
+                    rows["file"].append(f"{lab}_{c}_{r}.png")
+        return Dataset.from_dict(rows, features=feats)
+
+    DatasetDict(train=split(n_cells, copies, 1), test=split(test_cells, 1, 2)).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def blood(tmp_path_factory):
+    return make_blood_dataset(tmp_path_factory.mktemp("blood") / "ds")
+
+
+def _cfg(data, out, cache, **kw):
+    base = dict(dataset=str(data), model="smallcnn", epochs=5, batch_size=8, lr=3e-3, image_size=32,
+                warmup_epochs=0.5, output_dir=str(out), cache_dir=str(cache), n_boot=100, progress=False,
+                num_threads=1)  # tiny models: one thread is as fast, and robust on a busy machine
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_small_cnn_learns_synthetic_cells(blood, tmp_path):
+    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", save_checkpoints=False))
+    test = m["splits"]["test"]
+    # 4 classes: chance is 0.25
+    assert test["accuracy"] >= 0.6, test
+    assert m["split"]["name"] == "test" and m["accuracy"] == test["accuracy"]
+    # grouped validation: 20% of the 40 training cells, every copy of a cell on one side
+    val = m["splits"]["validation"]
+    assert val["n_groups"] * 2 == val["n_images"]
+    assert 0 < m["abstention"]["threshold"] <= 1
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["cellhub"]["abstention_threshold"] == pytest.approx(m["abstention"]["threshold"])
+    assert cfg["cellhub"]["labels"] == list(get_task("blood-cells").labels)
+    assert cfg["cellhub"]["recipe"]["model"] == "smallcnn"
+    assert not (tmp_path / "run" / CHECKPOINT_DIRNAME).exists()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_reaches_the_same_weights(blood, tmp_path, monkeypatch):
+    kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20)
+    cache = tmp_path / "cache"
+    full = fit(_cfg(blood, tmp_path / "a", cache, **kw))
+
+    real_save = training.save_training_state
+
+    def save_then_die(out, **state):
+        path = real_save(out, **state)
+        if state["info"]["epoch"] == 2:
+            raise _Interrupt("killed after epoch 2")
+        return path
+
+    monkeypatch.setattr(training, "save_training_state", save_then_die)
+    with pytest.raises(_Interrupt):
+        fit(_cfg(blood, tmp_path / "b", cache, **kw))
+    monkeypatch.setattr(training, "save_training_state", real_save)
+    assert load_training_state(tmp_path / "b")["epoch"] == 2
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+
+    resumed = fit(_cfg(blood, tmp_path / "b", cache, resume=True, **kw))
+
+    for name in ("model.safetensors", f"{CHECKPOINT_DIRNAME}/model.safetensors",
+                 f"{CHECKPOINT_DIRNAME}/optimizer.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}:{k} differs after resume"
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")} for e in h]  # noqa: E731
+    assert strip(ha) == strip(hb)
+    assert full["accuracy"] == resumed["accuracy"]
+
+    # resuming with different settings is refused, naming the setting
+    with pytest.raises(ValueError, match="lr was"):
+        fit(_cfg(blood, tmp_path / "b", cache, resume=True, **dict(kw, lr=1e-2)))
+
+
+def test_checkpoint_survives_a_crash_while_writing(blood, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    kw = dict(epochs=2, image_size=16, max_train_samples=24, train_eval_samples=8, n_boot=10)
+    import safetensors.torch as st
+
+    real = st.save_file
+    calls = {"n": 0}
+
+    def torn_write(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 6:  # second checkpoint, second file: write half of it, then "die"
+            real(tensors, filename, metadata=metadata)
+            with open(filename, "r+b") as f:
+                f.truncate(os.path.getsize(filename) // 2)
+            raise _Interrupt("killed while writing")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(st, "save_file", torn_write)
+    with pytest.raises(_Interrupt):
+        fit(_cfg(blood, out, tmp_path / "cache", **kw))
+    state = load_training_state(out)
+    assert state is not None and state["epoch"] == 1  # the previous checkpoint is intact
+
+    # killed between the two renames: only last_checkpoint.prev exists
+    os.replace(out / CHECKPOINT_DIRNAME, out / f"{CHECKPOINT_DIRNAME}.prev")
+    assert load_training_state(out)["epoch"] == 1
+
+    # a damaged file is detected by its checksum instead of being loaded
+    victim = out / f"{CHECKPOINT_DIRNAME}.prev" / "optimizer.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert load_training_state(out) is None
+
+
+def test_bad_settings_fail_early():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(dataset="x", epochs=0).validate()
+    with pytest.raises(ValueError, match="select_metric"):
+        TrainConfig(dataset="x", select_metric="auc").validate()
