@@ -528,10 +528,10 @@ def _split_info(metrics: Mapping[str, Any] | None) -> tuple[str, str]:
     split = (metrics or {}).get("split")
     if isinstance(split, Mapping):
         name = str(split.get("name") or split.get("split") or "test")
-        desc = "; ".join(f"{k}: {v}" for k, v in split.items())
+        desc = str(split.get("description") or "; ".join(f"{k}: {v}" for k, v in split.items()))
         return name, desc
     if split:
-        return str(split).split()[0], str(split)
+        return str(split).split()[0].rstrip(":,;"), str(split)
     return "test", "not recorded"
 
 
@@ -589,8 +589,6 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
     repo = repo_id or section.get("repo_id") or _PLACEHOLDER_REPO
     title = repo.split("/")[-1] if repo_id else f"cellhub {model_name}" + (f" — {task_name}" if task_name else "")
     base_model = section.get("base_model") if section.get("pretrained") else None
-    if kind == "svm" and not base_model:
-        base_model = None
 
     dataset_id = recipe.get("dataset") if isinstance(recipe.get("dataset"), str) else None
     hub_dataset = task.hub_dataset if task else None
@@ -599,7 +597,7 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
     split_name, split_desc = _split_info(metrics)
 
     eval_results = []
-    if metrics and task is not None or (metrics and labels):
+    if metrics:
         ds_type = hub_dataset or (task_name or "custom")
         ds_name = (task.description.split(" (")[0] if task else None) or ds_type
         for key, mtype, mname, mcfg in (("accuracy", "accuracy", "Accuracy", None),
@@ -640,10 +638,10 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
         "svm": f"an **SVM** (RBF kernel, Platt-scaled probabilities) on features of a cellhub "
                f"`{backbone}` backbone",
     }[kind]
-    task_desc = task.description if task else "cell images"
+    task_part = (f" for the `{task.name}` task ({task.description.rstrip('.')})" if task else "")
     lines += [
-        f"This is {what}, classifying {task_desc[0].lower() + task_desc[1:] if task else task_desc} "
-        f"into {len(labels)} classes: " + ", ".join(f"`{x}`" for x in labels) + ".",
+        f"This is {what}{task_part}. It classifies one single-cell crop into {len(labels)} classes: "
+        + ", ".join(f"`{x}`" for x in labels) + ".",
         "",
         "Made with [cellhub](https://github.com/cellhub/cellhub).",
         "",
@@ -667,7 +665,7 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
         "",
     ]
 
-    thr = section.get("abstention_threshold")
+    thr = section.get("abstention") or section.get("abstention_threshold")
     if isinstance(thr, Mapping):
         thr_value = thr.get("threshold")
     else:
@@ -720,6 +718,17 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
         if "ece" in metrics:
             lines.append(f"| calibration error (ECE) | {_fmt(metrics['ece'])} | |")
         lines.append("")
+        splits = metrics.get("splits")
+        if isinstance(splits, Mapping) and len(splits) > 1:
+            lines += ["All splits (the train row shows how much the model memorised):", "",
+                      "| split | images | groups | accuracy | 95% CI | macro F1 | 95% CI |",
+                      "|---|---|---|---|---|---|---|"]
+            for sname, sm in splits.items():
+                if isinstance(sm, Mapping):
+                    lines.append(f"| {sname} | {sm.get('n_images', '')} | {sm.get('n_groups', '')} | "
+                                 f"{_fmt(sm.get('accuracy'))} | {_fmt_ci(sm.get('ci95'))} | "
+                                 f"{_fmt(sm.get('macro_f1'))} | {_fmt_ci(sm.get('macro_f1_ci95'))} |")
+            lines.append("")
         per_class = metrics.get("per_class") or {}
         if per_class:
             lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
@@ -741,7 +750,7 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
     if (d / "curves.png").is_file():
         lines += ["![Training curves](curves.png)", ""]
     elif history:
-        lines += [f"Training history: {len(history)} epochs in `history.json`.", ""]
+        lines += [f"Training history ({len(history)} epochs) is in `history.json`.", ""]
     if (d / "confusion_matrix.png").is_file():
         lines += ["![Confusion matrix](confusion_matrix.png)", ""]
     for png in sorted(d.glob("*.png")):
@@ -779,7 +788,7 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
         'result = predictor.predict(["cell.png"])[0]',
         "print(result.label, result.confidence, result.abstain)",
         "```", "",
-        f'or from the shell: `python -m cellhub predict --model {repo} cell.png`', "",
+        f'or from the shell: `python -m cellhub predict {repo} cell.png`', "",
         "## Limitations", "",
         "- Trained on a single public dataset; accuracy on other labs' stains and optics is unknown and "
         "likely lower. Validate on your own data before relying on it.",
@@ -788,7 +797,5 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
         "- Class balance in the training data may not match your population; calibration may drift.",
         "",
     ]
-    if history and isinstance(history, list):
-        lines += [f"Trained for {len(history)} epochs.", ""]
     body = "\n".join(lines)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
