@@ -69,9 +69,10 @@ def dataset(tmp_path_factory):
     return root, smear_dir, truth, source
 
 
-def test_crops_are_attributed_to_their_smear(dataset, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_crops_are_attributed_to_their_smear(dataset, tmp_path, workers):
     root, smear_dir, truth, source = dataset
-    result = match_crops_to_smears(list(truth), smear_dir, cache_dir=tmp_path, progress=False, workers=1)
+    result = match_crops_to_smears(list(truth), smear_dir, cache_dir=tmp_path, progress=False, workers=workers)
     assert set(result) == set(truth)
     assert result == truth  # right smear for every crop, None for the crop of an unknown smear
 
@@ -176,7 +177,7 @@ def test_smear_fields_merge_overlapping_frames(tmp_path):
 
 def test_on_cellhub_synthetic_kaggle_download(tmp_path):
     synthetic = pytest.importorskip("cellhub.synthetic")
-    root = synthetic.write_kaggle_blood_cells(tmp_path / "kaggle", n_cells_per_class=2, copies=3, splits=("TRAIN",))
+    root = synthetic.write_kaggle_blood_cells(tmp_path / "kaggle", n_cells_per_class=1, copies=4, splits=("TRAIN",))
     truth = json.loads((root / "_truth.json").read_text())
     crops = [str(root / rel) for rel in truth]
     smear_dir = root / "dataset-master" / "dataset-master" / "JPEGImages"
