@@ -1,0 +1,105 @@
+"""train/finetune.py end to end on a tiny synthetic Kaggle-layout dataset."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cellhub.synthetic import write_kaggle_malaria
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train" / "finetune.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("finetune_cli", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def malaria(tmp_path_factory):
+    return write_kaggle_malaria(tmp_path_factory.mktemp("mal") / "kaggle", n_per_class=16, n_patients=4, size=32)
+
+
+def _args(data, out, *extra):
+    return ["--dataset", str(data), "--model", "smallcnn", "--epochs", "2", "--batch-size", "8",
+            "--image-size", "16", "--output-dir", str(out), "--cache-dir", str(out.parent / "cache"),
+            "--threads", "1", "--n-boot", "50", "--no-progress", *extra]
+
+
+def test_finetune_writes_every_output(malaria, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *_args(malaria, out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model.safetensors", "config.json", "README.md", "metrics.json", "history.json",
+                 "curves.png", "confusion_matrix.png"):
+        assert (out / name).is_file(), f"{name} missing; have {sorted(p.name for p in out.iterdir())}"
+    for png in ("curves.png", "confusion_matrix.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "last_checkpoint" / "state.json").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"]["name"] == "validation"  # the Kaggle malaria download has no test split
+    for key in ("accuracy", "macro_f1", "auc", "ci95", "n_images", "n_groups", "per_class", "confusion_matrix"):
+        assert key in metrics
+    assert set(metrics["splits"]) == {"train", "validation"}
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(history[0])
+
+    config = json.loads((out / "config.json").read_text())
+    ch = config["cellhub"]
+    assert ch["labels"] == ["parasitized", "uninfected"]
+    assert ch["pretrained_cfg"]["input_size"] == [3, 16, 16]
+    assert 0 < ch["abstention_threshold"] <= 1
+    assert ch["recipe"]["epochs"] == 2 and ch["recipe"]["seed"] == 0
+    assert "abstention" in ch and "rule" in ch["abstention"]
+
+    from cellhub.hub import load_pretrained
+
+    model = load_pretrained(out)
+    assert model.cellhub_config["abstention_threshold"] == pytest.approx(ch["abstention_threshold"])
+    assert "accuracy" in proc.stdout and "95% CI" in proc.stdout
+
+
+def test_push_to_hub_needs_a_repo_id_at_parse_time(capsys):
+    cli = _load_script()
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--dataset", "malaria", "--push-to-hub"])
+    assert e.value.code == 2
+    assert "--hub-model-id" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--dataset", "malaria", "--push-to-hub", "--hub-model-id", "not a repo id!"])
+    args = cli.parse_args(["--dataset", "malaria", "--from-scratch", "--model", "resnet18"])
+    cfg = cli.config_from_args(args)
+    assert cfg.pretrained is False and cfg.model == "resnet18"
+
+
+def test_push_to_hub_uploads_the_output_folder(malaria, tmp_path, monkeypatch):
+    import cellhub.hub
+
+    calls = []
+    monkeypatch.setattr(cellhub.hub, "push_to_hub",
+                        lambda folder, repo_id, private=False, token=None: calls.append((Path(folder), repo_id,
+                                                                                       private)) or f"https://huggingface.co/{repo_id}")
+    out = tmp_path / "run"
+    cli = _load_script()
+    rc = cli.main(_args(malaria, out, "--epochs", "1", "--push-to-hub", "--hub-model-id", "someone/cellhub-test",
+                        "--private"))
+    assert rc == 0
+    assert calls == [(out, "someone/cellhub-test", True)]
+
+
+def test_bad_dataset_is_a_clear_error(tmp_path, capsys):
+    cli = _load_script()
+    rc = cli.main(["--dataset", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
