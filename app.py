@@ -203,8 +203,13 @@ def build_app(
     *,
     failures: Sequence[tuple[str, str]] = (),
     limits: Limits = DEFAULT_LIMITS,
+    concurrency: int = 2,
+    queue_size: int = 32,
 ) -> gr.Blocks:
     """The demo as a ``gr.Blocks`` (not launched) for already-loaded ``models``.
+
+    At most ``concurrency`` requests run at once and ``queue_size`` wait; more are refused
+    with "queue is full" rather than piling up on a CPU server.
 
     API (``gradio_client``): ``/predict`` (image file, task name) and ``/predict_batch`` (list of
     image files or a .zip, task name).
@@ -212,6 +217,8 @@ def build_app(
     by_task: dict[str, list[Predictor]] = {}
     for p in models:
         by_task.setdefault(_task_of(p), []).append(p)
+    order = {name: i for i, name in enumerate(TASKS)}
+    by_task = dict(sorted(by_task.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
     tasks = list(by_task)
     n_slots = max((len(v) for v in by_task.values()), default=1)
     out_dir = Path(tempfile.mkdtemp(prefix="cellhub-app-"))
@@ -369,6 +376,7 @@ def build_app(
             [batch_summary, batch_table, batch_csv, batch_skipped],
             api_name="predict_batch",
         )
+    demo.queue(default_concurrency_limit=max(1, concurrency), max_size=max(1, queue_size))
     return demo
 
 
@@ -388,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     sources = model_sources(args.models, bundled=not args.no_bundled)
     if not sources:
@@ -398,10 +407,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  ✓ {p.name:<28} task={_task_of(p):<12} labels={','.join(p.labels)}  threshold={_threshold_text(p)}")
     for src, err in failures:
         print(f"  ✗ {src}: {err.splitlines()[0]}  (skipped)")
-    demo = build_app(predictors, failures=failures)
-    demo.queue(default_concurrency_limit=max(1, args.concurrency), max_size=max(1, args.queue_size))
-    print(f"Serving on http://{args.host}:{args.port}  (Ctrl+C to stop)")
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD, show_error=True)
+    demo = build_app(predictors, failures=failures, concurrency=args.concurrency, queue_size=args.queue_size)
+    _, local_url, share_url = demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=MAX_UPLOAD,
+        show_error=True,
+        prevent_thread_lock=True,
+        quiet=True,
+    )
+    print(f"Serving on {local_url or f'http://{args.host}:{args.port}/'}" + (f"  public: {share_url}" if share_url else "") + "  (Ctrl+C to stop)", flush=True)
+    demo.block_thread()
     return 0
 
 

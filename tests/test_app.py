@@ -54,8 +54,7 @@ def server(checkpoints: dict[str, Path]) -> Iterator[tuple[str, Client]]:
                                 env=f"{checkpoints['small-a']}, {checkpoints['small-b']}")
     predictors, failures = load_predictors(sources)
     assert not failures
-    demo = app.build_app(predictors, limits=Limits(max_pixels=200_000))
-    demo.queue(default_concurrency_limit=2, max_size=16)
+    demo = app.build_app(predictors, limits=Limits(max_pixels=200_000), concurrency=2, queue_size=16)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                             quiet=True, max_file_size=app.MAX_UPLOAD)
     try:
@@ -173,8 +172,14 @@ def test_bad_input_gives_a_clear_error_and_the_server_keeps_serving(server: tupl
 
 def test_startup_reports_loaded_and_failed_models(checkpoints: dict[str, Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    launched = {}
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    launched: dict = {}
+
+    def fake_launch(self: gr.Blocks, **kw: object) -> tuple[None, str, None]:
+        launched.update(kw)
+        return None, f"http://{kw['server_name']}:{kw['server_port']}/", None
+
+    monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
     monkeypatch.delenv(app.ENV_MODELS, raising=False)
     rc = app.main(["--no-bundled", "--models", str(checkpoints["small-a"]), str(tmp_path / "missing"), "--port", "7999"])
     out = capsys.readouterr().out
@@ -183,3 +188,4 @@ def test_startup_reports_loaded_and_failed_models(checkpoints: dict[str, Path], 
     assert f"✗ {tmp_path / 'missing'}" in out and "(skipped)" in out
     assert "http://127.0.0.1:7999" in out
     assert launched["server_port"] == 7999 and launched["server_name"] == "127.0.0.1"
+    assert launched["max_file_size"] == app.MAX_UPLOAD

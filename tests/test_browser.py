@@ -44,7 +44,6 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     predictors, failures = load_predictors([ckpts["small-a"], ckpts["small-b"], ckpts["small-malaria"]])
     assert not failures
     demo = app.build_app(predictors)
-    demo.queue(default_concurrency_limit=2)
     _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield local_url
