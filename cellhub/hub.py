@@ -235,6 +235,9 @@ def save_pretrained(
             label_names=labels,
             pretrained_cfg=_jsonable({k: v for k, v in model.pretrained_cfg.items()
                                       if k not in ("architecture", "label_names")}),
+            # reconstruction args for timm / transformers (``cellhub_smallcnn`` is registered in timm
+            # when cellhub is imported); never num_classes, which transformers passes itself
+            model_args=model.model_args(),
             cellhub=section,
         )
     else:
@@ -778,6 +781,13 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
             "With the **Hub mixin** (plain PyTorch):", "", "```python",
             "from cellhub import SmallCNN", "",
             f'model = SmallCNN.from_pretrained("{repo}")  # strict, safetensors only',
+            "```", "",
+            "With **timm** or **transformers**: importing cellhub registers the architecture "
+            "(`cellhub_smallcnn`) in timm, after which the usual calls work:", "", "```python",
+            "import cellhub, timm",
+            "from transformers import pipeline", "",
+            f'model = timm.create_model("hf-hub:{repo}", pretrained=True).eval()',
+            f'classifier = pipeline("image-classification", model="{repo}")',
             "```", "",
         ]
     lines += [

@@ -126,7 +126,8 @@ class SmallCNN(
         self.stages = nn.Sequential(*stages)
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head_drop = nn.Dropout(self.drop_rate)
-        self.head = nn.Linear(self.num_features, self.num_classes)
+        # num_classes=0: a feature extractor (timm / transformers TimmWrapperModel convention)
+        self.head: nn.Module = nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
 
         self.pretrained_cfg: dict[str, Any] = {
             "architecture": SMALLCNN_ARCHITECTURE,
@@ -141,12 +142,16 @@ class SmallCNN(
             "first_conv": "stages.0.0.0",
             "classifier": "head",
         }
+        self.default_cfg = self.pretrained_cfg  # timm alias
         self.task = task
         self._init_weights()
 
-    @property
-    def default_cfg(self) -> dict[str, Any]:  # timm alias
-        return self.pretrained_cfg
+    def model_args(self) -> dict[str, Any]:
+        """Constructor arguments that define the architecture and preprocessing (no labels), for
+        ``config.json["model_args"]``, the timm / transformers reconstruction arguments."""
+        cfg = dict(self._hub_mixin_config or {})
+        return {k: cfg[k] for k in ("in_chans", "widths", "depths", "drop_rate", "image_size", "mean", "std",
+                                    "interpolation", "crop_pct") if k in cfg}
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -177,6 +182,7 @@ class SmallCNN(
         """Replace the linear head (timm API)."""
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.labels = [f"LABEL_{i}" for i in range(num_classes)]
 
     def _save_pretrained(self, save_directory: Any) -> None:
         """Mixin hook: weights as ``model.safetensors`` (with ``format=pt`` metadata)."""
@@ -226,6 +232,36 @@ class SmallCNN(
         model = cls(**model_kwargs)
         load_model(model, model_file, strict=True, device=str(map_location))
         model.eval()
+        return model
+
+
+# The small CNN is also a timm model (``cellhub_smallcnn``) once cellhub is imported, so its
+# checkpoints load with ``timm.create_model("hf-hub:org/name", pretrained=True)`` and with
+# transformers' TimmWrapper / ``pipeline("image-classification")`` as well.
+default_cfgs: dict[str, Any] = {}
+try:
+    from timm.models import build_model_with_cfg as _build_model_with_cfg
+    from timm.models import generate_default_cfgs as _generate_default_cfgs
+    from timm.models import register_model as _timm_register_model
+except ImportError:  # pragma: no cover - timm is a hard requirement, but keep SmallCNN importable
+    _timm_register_model = None
+
+if _timm_register_model is not None:
+    default_cfgs = _generate_default_cfgs({SMALLCNN_ARCHITECTURE: {
+        "url": "", "num_classes": 2, "input_size": (3, 96, 96), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+        "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", "first_conv": "stages.0.0.0",
+        "classifier": "head", "license": "mit",
+    }})
+
+    @_timm_register_model
+    def cellhub_smallcnn(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+        """timm entrypoint for :class:`SmallCNN` (labels come from ``pretrained_cfg["label_names"]``)."""
+        kwargs.pop("labels", None)
+        model = _build_model_with_cfg(SmallCNN, SMALLCNN_ARCHITECTURE, pretrained, **kwargs)
+        names = model.pretrained_cfg.get("label_names")
+        if names and len(names) == model.num_classes:
+            model.labels = [str(x) for x in names]
+        model.pretrained_cfg.setdefault("label_names", list(model.labels))
         return model
 
 
