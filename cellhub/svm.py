@@ -48,7 +48,7 @@ def _weights_digest(model: nn.Module) -> str:
         h.update(name.encode())
         t = t.detach().cpu().contiguous()
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -77,7 +77,7 @@ def extract_features(
     tf = transforms.eval_transform(cfg)
     cache_file = None
     if cache_dir is not None:
-        fp = getattr(dataset, "_fingerprint", None)
+        fp = _dataset_identity(dataset)
         if fp is None:
             logger.info("Dataset has no fingerprint; features will not be cached.")
         else:
@@ -119,6 +119,30 @@ def extract_features(
         save_file({"features": feats}, str(tmp))
         tmp.replace(cache_file)
     return feats
+
+
+def _dataset_identity(ds: Any) -> str | None:
+    """What the rows are: backing Arrow files (+ their size/mtime) and the row selection.
+
+    ``datasets`` fingerprints can differ between two loads of the same files, which would
+    defeat the cache; the backing files of a ``cache_resized`` split do not.
+    """
+    files = getattr(ds, "cache_files", None)
+    if not files:
+        return getattr(ds, "_fingerprint", None)
+    h = hashlib.sha256()
+    for f in files:
+        name = f.get("filename", "")
+        try:
+            st = Path(name).stat()
+            h.update(f"{name}|{st.st_size}|{st.st_mtime_ns};".encode())
+        except OSError:
+            return getattr(ds, "_fingerprint", None)
+    indices = getattr(ds, "_indices", None)
+    if indices is not None:
+        h.update(np.asarray(indices.column(0).to_numpy(), dtype=np.int64).tobytes())
+    h.update(str(len(ds)).encode())
+    return h.hexdigest()
 
 
 def _to_input(x: Any) -> Any:
@@ -411,6 +435,8 @@ class SVMClassifier(nn.Module):
             "svm": {"C": self.C, "kernel": self.kernel, "gamma": self.gamma, "decision_function_shape": "ovo",
                     "probability": True, "seed": self.seed},
             "pretrained_cfg": self.cellhub_config.get("pretrained_cfg"),
+            "backbone_labels": list((getattr(self.backbone, "cellhub_config", None) or {}).get("labels")
+                                    or self.labels),
             "cellhub": dict(self.cellhub_config),
         }
         return json.loads(json.dumps(cfg, default=_json_default))
@@ -463,8 +489,8 @@ class SVMClassifier(nn.Module):
             bcfg = cfg.get("cellhub", {})
             pcfg = cfg.get("pretrained_cfg") or {}
             size = (pcfg.get("input_size") or [None, None, None])[-1]
-            backbone = models.create_model(cfg["backbone"], list(cfg["labels"]), pretrained=False,
-                                           image_size=size)
+            backbone = models.create_model(cfg["backbone"], list(cfg.get("backbone_labels") or cfg["labels"]),
+                                           pretrained=False, image_size=size)
             backbone.load_state_dict(load_torch(str(d / _BACKBONE_FILE)), strict=True)
             backbone.cellhub_config.update({k: bcfg[k] for k in ("pretrained", "pretrained_cfg") if k in bcfg})
             backbone.to(device).eval()
@@ -486,3 +512,142 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------- the baseline run
+def train_svm_baseline(
+    dataset: str,
+    *,
+    backbone: str = "resnet50",
+    pretrained: bool = True,
+    backbone_checkpoint: str | None = None,
+    task: str | None = None,
+    image_size: int | None = None,
+    C: float = 1.0,
+    kernel: str = "rbf",
+    gamma: float | str = "scale",
+    output_dir: str | Path = "runs/svm",
+    cache_dir: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    n_boot: int = 1000,
+    abstention_target: float = 0.95,
+    batch_size: int = 64,
+    train_eval_samples: int = 2000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Features from a backbone + one-vs-one SVM, evaluated like every other cellhub model.
+
+    The backbone is a registered model (ImageNet weights unless ``pretrained=False``) or, with
+    ``backbone_checkpoint``, any saved cellhub model (a folder or Hub id). Validation is grouped
+    (``data.split_by_group``) when the data has none, exactly as in training. Writes the SVM
+    checkpoint (``cellhub.hub.save_pretrained``), ``metrics.json`` and ``confusion_matrix.png`` to
+    ``output_dir`` and returns the metrics (same layout as :func:`cellhub.training.fit`).
+    """
+    import time
+
+    from . import data, hub, metrics, models
+    from .training import _cache_size, _subsample
+
+    t0 = time.time()
+    dsd, report = data.load_cell_dataset(dataset, task=task, cache_dir=cache_dir, return_report=True,
+                                         progress=progress)
+    if "train" not in dsd:
+        raise ValueError(f"{dataset!r} has no 'train' split (splits: {', '.join(dsd)}); the SVM needs one.")
+    labels = list(dsd["train"].features["label"].names)
+    notes: list[str] = []
+    splits = {k: dsd[k] for k in ("train", "validation", "test", "test_simple") if k in dsd}
+    if "validation" not in splits:
+        parts = data.split_by_group(dsd["train"], val_fraction=val_fraction, seed=seed)
+        splits["train"], splits["validation"] = parts["train"], parts["validation"]
+        notes.append(f"validation: {val_fraction:.0%} of train drawn by group (no group on both sides), seed {seed}")
+    if len(splits["validation"]) == 0:
+        raise ValueError("The validation split is empty: too few groups per class to hold any out.")
+    splits["train"] = _subsample(splits["train"], max_train_samples, seed)
+    for name in ("validation", "test", "test_simple"):
+        if name in splits:
+            splits[name] = _subsample(splits[name], max_eval_samples, seed + 1)
+    if max_train_samples or max_eval_samples:
+        notes.append(f"subsampled: max_train_samples={max_train_samples}, max_eval_samples={max_eval_samples}")
+
+    if backbone_checkpoint:
+        net = hub.load_pretrained(backbone_checkpoint)
+        if isinstance(net, SVMClassifier) or not hasattr(net, "forward_features"):
+            raise ValueError(f"{backbone_checkpoint} is not a CNN checkpoint with forward_features; "
+                             "pass a folder written by train/finetune.py.")
+        backbone_name = net.cellhub_config.get("model_name") or backbone
+        notes.append(f"backbone weights from {backbone_checkpoint}")
+    else:
+        net = models.create_model(backbone, labels, pretrained=pretrained, image_size=image_size)
+        backbone_name = backbone
+    net.eval()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    net.to(device)
+    size = int(net.cellhub_config["pretrained_cfg"]["input_size"][-1])
+    hw = _cache_size(splits["train"], size)
+    feat_dir = Path(cache_dir) / "features" if cache_dir else None
+    feats, ys, groups = {}, {}, {}
+    for name, ds in splits.items():
+        cached = data.cache_resized(ds, hw, cache_dir, progress=progress)
+        feats[name] = extract_features(net, cached, cache_dir=feat_dir, batch_size=batch_size, device=device,
+                                       progress=progress)
+        ys[name] = np.asarray(cached["label"], dtype=np.int64)
+        groups[name] = [str(g) for g in cached["group"]]
+
+    clf = SVMClassifier(labels, backbone=net.cpu(), backbone_name=backbone_name, C=C, kernel=kernel, gamma=gamma,
+                        task=report.task, seed=seed)
+    logger.info("Fitting SVC (%s, C=%g, one-vs-one) on %d x %d features", kernel, C, *feats["train"].shape)
+    clf.fit(feats["train"], ys["train"])
+
+    results = {}
+    probs = {}
+    eval_names = [n for n in ("validation", "test", "test_simple") if n in feats] + ["train"]
+    for name in eval_names:
+        X, y, g = feats[name], ys[name], groups[name]
+        if name == "train" and len(y) > train_eval_samples:
+            idx = np.sort(np.random.default_rng(seed + 2).choice(len(y), train_eval_samples, replace=False))
+            X, y, g = X[idx], y[idx], [g[i] for i in idx]
+        probs[name] = clf.predict_proba_features(X)
+        results[name] = metrics.classification_metrics(y, probs[name], labels, groups=g, n_boot=n_boot, seed=seed)
+    abst = metrics.choose_abstention_threshold(ys["validation"], probs["validation"], target_accuracy=abstention_target)
+    ref = "test" if "test" in results else "validation"
+    summary: dict[str, Any] = dict(results[ref])
+    summary.update({
+        "split": {"name": ref, "description": "test: the dataset's own test split" if ref == "test" else
+                  "validation: grouped hold-out (no source cell / patient also in train)"},
+        "splits": results,
+        "task": report.task,
+        "model": f"svm[{backbone_name}]",
+        "pretrained": bool(net.cellhub_config.get("pretrained")),
+        "abstention": abst,
+        "train_test_gap": {"reference_split": ref, "accuracy": results["train"]["accuracy"] - results[ref]["accuracy"],
+                           "train_images_evaluated": results["train"]["n_images"]},
+        "n_train_images": int(len(ys["train"])),
+        "n_train_groups": len(set(groups["train"])),
+        "n_support_vectors": int(clf._require()["n_support"].sum()),
+        "seconds": round(time.time() - t0, 1),
+        "notes": notes,
+    })
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clf.cellhub_config["abstention_threshold"] = abst["threshold"]
+    clf.cellhub_config["abstention"] = {k: abst[k] for k in ("threshold", "target_accuracy", "coverage",
+                                                             "selective_accuracy", "met_target", "rule")}
+    clf.cellhub_config["recipe"] = {
+        "dataset": dataset, "backbone": backbone_name, "backbone_pretrained": bool(net.cellhub_config.get("pretrained")),
+        "backbone_checkpoint": backbone_checkpoint, "features": "global-average-pooled last feature map",
+        "scaler": "standardize (train mean/std)", "svm": {"C": C, "kernel": kernel, "gamma": gamma,
+                                                          "decision_function_shape": "ovo"},
+        "image_size": size, "seed": seed, "max_train_samples": max_train_samples,
+        "max_eval_samples": max_eval_samples, "validation": "grouped (no source cell / patient on both sides)",
+        "notes": notes,
+    }
+    metrics.plot_confusion(results[ref]["confusion_matrix"], labels, out / "confusion_matrix.png",
+                           title=f"SVM on {backbone_name} features - {ref} (accuracy {results[ref]['accuracy']:.3f})")
+    hub.save_pretrained(clf, out, metrics=summary)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    logger.info("SVM baseline: %s accuracy %.4f (95%% CI %s). Saved to %s", ref, results[ref]["accuracy"],
+                results[ref]["ci95"], out)
+    return summary
