@@ -163,7 +163,7 @@ def read_image(
             )
         data = path.read_bytes()
     if not data:
-        raise InputError(f"{name}: the file is empty; upload a PNG, JPEG, TIFF, BMP or WebP image.")
+        raise InputError(f"{name}: the file is empty; use a PNG, JPEG, TIFF, BMP or WebP image.")
     if len(data) > limits.max_image_bytes:
         raise InputError(
             f"{name}: the file is over the {_mb(limits.max_image_bytes)} limit for one image; "
@@ -192,7 +192,7 @@ def read_image(
         ) from exc
     except UnidentifiedImageError as exc:
         raise InputError(
-            f"{name}: not an image file that can be read; upload a PNG, JPEG, TIFF, BMP or WebP "
+            f"{name}: not an image file that can be read; use a PNG, JPEG, TIFF, BMP or WebP "
             "cell image."
         ) from exc
     except (OSError, ValueError, SyntaxError) as exc:  # truncated / corrupt data
