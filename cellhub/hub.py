@@ -65,6 +65,18 @@ class UnsafeCheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+def _unwrap(model: Any) -> Any:
+    """The plain model inside torch.compile / DistributedDataParallel / DataParallel wrappers."""
+    for _ in range(4):
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    return model
+
+
 def _kind(model: Any) -> str:
     """'svm' | 'smallcnn' | 'timm'."""
     from .models import SmallCNN
@@ -197,6 +209,7 @@ def save_pretrained(
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    model = _unwrap(model)
     kind = _kind(model)
     if metrics is not None:
         _write_json(d / "metrics.json", metrics)
@@ -303,8 +316,23 @@ def _resolve_folder(ref: str | Path, revision: str | None, token: str | None) ->
     return Path(local)
 
 
+def _remote_pickles(folder: Path, source: str) -> list[str]:
+    """Pickle files of a Hub repo that were deliberately not downloaded (best effort, online only)."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE or Path(_strip_prefix(source)[0]).is_dir() or "snapshots" not in folder.parts:
+        return []
+    try:
+        files = HfApi().list_repo_files(_strip_prefix(source)[0])
+    except Exception as e:  # noqa: BLE001 - only used to improve an error message
+        logger.debug("could not list %s: %s", source, e)
+        return []
+    return [f for f in files if Path(f).suffix.lower() in PICKLE_SUFFIXES]
+
+
 def _refuse_pickles(folder: Path, source: str) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    pickles = pickles or _remote_pickles(folder, source)
     hint = (f" It holds only pickle files ({', '.join(pickles)}), which can run arbitrary code when "
             "loaded. If you trust their origin, convert them once yourself, e.g. "
             "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')."
@@ -461,7 +489,7 @@ def push_to_hub(
             build_model_card(folder, repo_id=repo_id).save(folder / CARD_NAME)
         else:
             tmp = tempfile.TemporaryDirectory(prefix="cellhub-push-")
-            folder = save_pretrained(model_or_directory, tmp.name, repo_id=repo_id)
+            folder = save_pretrained(_unwrap(model_or_directory), tmp.name, repo_id=repo_id)
 
         files = _upload_files(folder)
         token = token or get_token()
@@ -646,7 +674,7 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
         f"This is {what}{task_part}. It classifies one single-cell crop into {len(labels)} classes: "
         + ", ".join(f"`{x}`" for x in labels) + ".",
         "",
-        "Made with [cellhub](https://github.com/cellhub/cellhub).",
+        "Made with **cellhub**, open-source blood-smear cell classification (MIT licence).",
         "",
         "## Intended use",
         "",

@@ -71,7 +71,6 @@ class SmallCNN(
     pipeline_tag="image-classification",
     license="mit",
     tags=["cellhub", "image-classification", "microscopy", "blood-smear"],
-    repo_url="https://github.com/cellhub/cellhub",
 ):
     """A small CNN for 64-128 px single-cell crops.
 

@@ -443,3 +443,15 @@ def test_card_without_results_or_repo(tmp_path):
     assert not card.data.eval_results
     with pytest.raises(FileNotFoundError):
         build_model_card(tmp_path / "nothing")
+
+
+def test_wrapped_models_are_saved_unwrapped(tmp_path):
+    model = create_model("smallcnn", "malaria", pretrained=False, image_size=SIZE).eval()
+    folder = save_pretrained(torch.nn.DataParallel(model), tmp_path / "dp")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(folder / "model.safetensors")))
+    assert keys == set(model.state_dict()) and not any(k.startswith("module.") for k in keys)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(folder)(x), model(x), rtol=0, atol=0)
