@@ -140,9 +140,10 @@ def consensus_markdown(cons: Consensus, n_models: int) -> str:
 
 def model_header(p: Predictor, pred: Prediction) -> str:
     flag = " · ⚠️ under threshold" if pred.abstain else ""
+    no_cam = "" if pred.cam is not None else " · no Grad-CAM for this model type"
     return (
         f"#### {p.name}\n{pred.label} ({pred.confidence:.1%}) · {_fmt_seconds(pred.seconds)} · "
-        f"threshold {_threshold_text(p)}{flag}"
+        f"threshold {_threshold_text(p)}{flag}{no_cam}"
     )
 
 

@@ -124,6 +124,21 @@ def test_cam_overlay_is_at_image_size_and_covers_the_models_view(predictor: Pred
     assert not np.array_equal(arr[:, 10:70], orig[:, 10:70])
 
 
+def test_svm_checkpoint_predicts_without_cam() -> None:
+    from cellhub.svm import SVMClassifier, pool_features
+
+    torch.manual_seed(0)
+    backbone = create_model("smallcnn", "malaria", pretrained=False, image_size=32).eval()
+    svm = SVMClassifier(["parasitized", "uninfected"], backbone=backbone, task="malaria")
+    with torch.no_grad():
+        svm.fit(pool_features(backbone, torch.rand(12, 3, 32, 32)).numpy(), [0, 1] * 6)
+    pred = Predictor(svm, name="svm")
+    assert not pred.supports_cam and pred.task == "malaria"
+    out = pred.predict([draw_malaria_cell("parasitized", size=40, seed=0)[0]], with_cam=True)[0]
+    assert out.cam is None and set(out.probs) == {"parasitized", "uninfected"}
+    assert sum(out.probs.values()) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_predictor_needs_a_cellhub_config() -> None:
     with pytest.raises(ValueError, match="no cellhub_config"):
         Predictor(torch.nn.Linear(2, 2))
