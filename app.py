@@ -26,6 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from cellhub.predict import (  # noqa: E402
     DEFAULT_LIMITS,
@@ -187,6 +188,9 @@ def _friendly_decode_errors(image: gr.Image) -> gr.Image:
             return original(payload)
         except gr.Error:
             raise
+        except Image.DecompressionBombError as exc:
+            name = getattr(payload, "orig_name", None) or "the uploaded image"
+            raise gr.Error(f"{name} has too many pixels ({exc}); downscale it or crop the cell.", print_exception=False) from exc
         except Exception as exc:  # PIL could not even read the header
             name = getattr(payload, "orig_name", None) or "the uploaded file"
             raise gr.Error(
@@ -270,6 +274,12 @@ def build_app(
                 gr.update(value=None, label=f"{name}: Grad-CAM of the predicted class", visible=p is not None),
             ]
         return updates
+
+    def rerun_single(image: str | None, task: str) -> list[Any]:
+        """After a task switch: classify the image already on the page, if any."""
+        if not image:
+            return [gr.update() for _ in range(2 + 3 * n_slots)]
+        return predict_single(image, task)
 
     def predict_batch(files: list[str] | str | None, task: str, progress: gr.Progress = gr.Progress()) -> list[Any]:
         predictors = models_for(task)
@@ -370,7 +380,9 @@ def build_app(
         single_outputs = [consensus_md, result_json, *slots]
         run.click(predict_single, [image, task], single_outputs, api_name="predict")
         image.upload(predict_single, [image, task], single_outputs, api_visibility="private")
-        task.change(show_slots, [task], single_outputs, api_visibility="private")
+        task.change(show_slots, [task], single_outputs, api_visibility="private").then(
+            rerun_single, [image, task], single_outputs, api_visibility="private"
+        )
         run_batch.click(
             predict_batch,
             [files, task],

@@ -103,3 +103,9 @@ def test_upload_an_image_and_see_each_models_prediction(url: str, browser: webdr
     finally:
         shot = _save_screenshot(browser, tmp_path)
     assert shot.stat().st_size > 10_000
+
+    # switching the task shows that task's models only and re-classifies the image on the page
+    browser.find_element(By.XPATH, "//*[@id='task']//label[contains(., 'Malaria')]").click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model-0-header"), "small-malaria"))
+    wait.until(lambda d: any(c in d.find_element(By.ID, "model-0-label").text for c in ("parasitized", "uninfected")))
+    wait.until(EC.invisibility_of_element_located((By.ID, "model-1-header")))
