@@ -25,7 +25,6 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cellhub.predict import (  # noqa: E402
@@ -306,7 +305,7 @@ def build_app(
                 + "; ".join(f"{n}: {r}" for n, r in result.skipped[:5])
             )
         csv_path = result.write_csv(out_dir / f"cellhub-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.csv")
-        table = pd.DataFrame(result.rows(), columns=result.header())
+        table = {"headers": result.header(), "data": result.rows()}
         return [counts_markdown(result, task), table, str(csv_path), skipped_markdown(result.skipped)]
 
     with gr.Blocks(title="cellhub — blood-smear cell classifier", delete_cache=(3600, 7200)) as demo:
