@@ -41,10 +41,13 @@ def test_audit_counts_and_leaks(tmp_path):
     Image.open(root / "train" / "parasitized" / "C2P2ThinF_0.png").rotate(270).save(
         root / "test" / "parasitized" / "C99P99ThinF_0.png")
     (root / "test" / "parasitized" / "C98P98ThinF_0.png").write_bytes(b"\x89PNG broken")
+    # leak 3: a flipped copy filed under another patient inside train: a copy the grouping missed
+    Image.open(root / "train" / "parasitized" / "C4P4ThinF_0.png").transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(
+        root / "train" / "uninfected" / "C97P97ThinF_0.png")
     r = audit_dataset(root, progress=False)
     assert r["task"] == "malaria" and r["source_kind"] == "imagefolder"
-    assert r["splits"]["train"]["images"] == 6 and r["splits"]["test"]["images"] == 6
-    assert r["splits"]["train"]["groups"] == 6 and r["splits"]["test"]["groups"] == 6
+    assert r["splits"]["train"]["images"] == 7 and r["splits"]["test"]["images"] == 6
+    assert r["splits"]["train"]["groups"] == 7 and r["splits"]["test"]["groups"] == 6
     assert r["splits"]["test"]["per_class"] == {"parasitized": {"images": 3, "groups": 3},
                                                 "uninfected": {"images": 3, "groups": 3}}
     assert r["shared_groups"]["train|test"] == {"count": 1, "groups": ["C1P1"]}
@@ -57,6 +60,11 @@ def test_audit_counts_and_leaks(tmp_path):
     assert [s["path"].endswith("C98P98ThinF_0.png") for s in r["skipped"]] == [True]
     # no validation split: the audit shows the one training would draw out of train
     assert r["grouped_validation_check"]["groups_on_both_sides"] == 0
+    within = r["near_duplicates_within_split"]
+    assert within["test"]["pairs_in_different_groups"] == 0
+    assert within["train"]["pairs_in_different_groups"] == 1
+    ex = within["train"]["examples_in_different_groups"][0]
+    assert {ex[1], ex[3]} == {"C4P4", "C97P97"} and ex[4] == 0
     text = format_report(r)
     assert "groups in both train and test: 1" in text and "skipped 1 files" in text
 
@@ -70,6 +78,8 @@ def test_grouped_split_check_separates_copies(tmp_path):
     assert chk["near_duplicate_pairs_across_grouped_split"] == 0
     assert chk["validation_images_with_a_near_duplicate_in_train_random"] > 0
     assert r["exact_duplicates_within_split"]["train"]["sets"] == 0
+    within = r["near_duplicates_within_split"]["train"]
+    assert within["pairs"] == 12 * 6 and within["pairs_in_different_groups"] == 0  # 4 copies -> 6 pairs a group
 
 
 def test_audit_cli_writes_json(tmp_path, capsys):
