@@ -29,6 +29,7 @@ __all__ = [
     "gradcam",
     "class_activation_maps",
     "supports_exact_cam",
+    "NotGapLinearError",
     "normalize_cams",
     "overlay",
 ]

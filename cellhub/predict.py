@@ -23,7 +23,7 @@ import time
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -47,6 +47,7 @@ __all__ = [
     "ImageRef",
     "read_image",
     "collect_images",
+    "list_zip_images",
     "predict_files",
     "BatchResult",
     "class_counts",
