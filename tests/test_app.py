@@ -189,3 +189,10 @@ def test_startup_reports_loaded_and_failed_models(checkpoints: dict[str, Path], 
     assert "http://127.0.0.1:7999" in out
     assert launched["server_port"] == 7999 and launched["server_name"] == "127.0.0.1"
     assert launched["max_file_size"] == app.MAX_UPLOAD
+
+
+def test_app_without_models_still_builds_and_says_how_to_add_one() -> None:
+    demo = app.build_app([], failures=[("org/broken", "OSError: not found")])
+    text = str(demo.config)
+    assert "No model is loaded" in text and "--models" in text
+    assert "could not load `org/broken`" in text
