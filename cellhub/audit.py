@@ -110,7 +110,7 @@ def _near_pairs(a: np.ndarray, b: np.ndarray, threshold: int, same: bool = False
 
 def audit_dataset(source: str | os.PathLike, task: str | None = None, *, cache_dir: str | os.PathLike | None = None,
                   smear_dir: str | os.PathLike | None = None, near_threshold: int = 20, val_fraction: float = 0.2,
-                  seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                  seed: int = 0, group_by: str = "smear", progress: bool = True) -> dict[str, Any]:
     """Audit ``source`` (anything :func:`cellhub.load_cell_dataset` accepts); returns a JSON-able dict.
 
     ``near_threshold`` is the largest Hamming distance (of 256 bits) between perceptual hashes
@@ -120,7 +120,7 @@ def audit_dataset(source: str | os.PathLike, task: str | None = None, *, cache_d
     """
     t0 = time.perf_counter()
     dsd, report = load_cell_dataset(source, task, cache_dir=cache_dir, return_report=True,
-                                    smear_dir=smear_dir, progress=progress)
+                                    smear_dir=smear_dir, group_by=group_by, progress=progress)
     t_load = time.perf_counter() - t0
     splits = list(dsd)
     names = dsd[splits[0]].features["label"].names
@@ -296,7 +296,8 @@ def format_report(r: dict[str, Any]) -> str:
 def _run(args: argparse.Namespace) -> int:
     try:
         result = audit_dataset(args.path, args.task, cache_dir=args.cache_dir, smear_dir=args.smear_dir,
-                               near_threshold=args.threshold, progress=not args.no_progress)
+                               near_threshold=args.threshold, group_by=args.group_by,
+                               progress=not args.no_progress)
     except (DatasetLayoutError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -323,5 +324,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--threshold", type=int, default=20,
                    help="largest Hamming distance between 256-bit perceptual hashes counted as a "
                         "near-duplicate (default 20)")
+    p.add_argument("--group-by", choices=["smear", "field"], default="smear",
+                   help="blood cells: group crops by source smear, or by microscope field (smears showing "
+                        "overlapping areas share a group; stricter)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

@@ -87,7 +87,8 @@ class LoadReport:
     splits: dict[str, int] = field(default_factory=dict)
     #: (path, reason) of every file that was not loaded
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    #: split -> how its groups were computed (smear | smear+fallback | fallback | filename-prefix | column | per-image)
+    #: split -> how its groups were computed
+    #: (smear | field | smear+fallback | field+fallback | fallback | filename-prefix | column | per-image)
     group_method: dict[str, str] = field(default_factory=dict)
     #: split -> fraction of images attributed to a source smear (blood cells with smears only)
     smear_attribution: dict[str, float] = field(default_factory=dict)
@@ -445,8 +446,34 @@ def _fallback_groups(paths: list[str], cache_dir: Path | None, progress: bool) -
     return groups
 
 
+def _smear_fields_cached(smear_dir: Path, cache_dir: Path | None, progress: bool) -> dict[str, str]:
+    """:func:`cellhub.smears.smear_fields` (smear id -> field id), cached by the smears' identity."""
+    from . import smears
+
+    files = sorted(p for p in Path(smear_dir).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    h = hashlib.sha1()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns};".encode())
+    cache_file = Path(cache_dir) / "groups" / f"fields-{h.hexdigest()[:20]}.json" if cache_dir is not None else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            return json.loads(cache_file.read_text())
+        except ValueError:
+            pass
+    logger.info("Finding smears that show the same microscope field (once; cached)...")
+    fields = {str(k): str(v) for k, v in smears.smear_fields(smear_dir, progress=progress).items()}
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(fields))
+        except OSError as exc:
+            logger.warning("Could not cache smear fields in %s: %s", cache_file, exc)
+    return fields
+
+
 def _blood_groups(paths: list[str], smear_dir: Path | None, cache_dir: Path | None, progress: bool,
-                  split: str, report: LoadReport) -> list[str]:
+                  split: str, report: LoadReport, group_by: str = "smear") -> list[str]:
     matched: dict[str, str | None] = {}
     if smear_dir is not None:
         try:
@@ -458,6 +485,9 @@ def _blood_groups(paths: list[str], smear_dir: Path | None, cache_dir: Path | No
             smear_cache = Path(cache_dir) / "smears" if cache_dir is not None else None
             raw = smears.match_crops_to_smears(paths, smear_dir, cache_dir=smear_cache, progress=progress)
             matched = {str(k): v for k, v in raw.items()}
+            if group_by == "field":
+                fields = _smear_fields_cached(smear_dir, cache_dir, progress)
+                matched = {k: (f"field:{fields.get(v, v)}" if v else v) for k, v in matched.items()}
     else:
         logger.warning(
             "No full smears (dataset-master/dataset-master/JPEGImages) found for the %s split: blood-cell "
@@ -469,8 +499,9 @@ def _blood_groups(paths: list[str], smear_dir: Path | None, cache_dir: Path | No
     if paths:
         if smear_dir is not None:
             report.smear_attribution[split] = n_matched / len(paths)
-        report.group_method[split] = ("smear" if not unmatched else
-                                      "fallback" if not n_matched else "smear+fallback")
+        unit = "field" if group_by == "field" and smear_dir is not None else "smear"
+        report.group_method[split] = (unit if not unmatched else
+                                      "fallback" if not n_matched else f"{unit}+fallback")
         if smear_dir is not None and unmatched:
             logger.warning("%s: %d of %d crops matched no smear; they get fallback groups.",
                            split, len(unmatched), len(paths))
@@ -482,12 +513,12 @@ def _blood_groups(paths: list[str], smear_dir: Path | None, cache_dir: Path | No
 
 
 def _groups_for(task: Task, paths: list[str], files: list[str], smear_dir: Path | None, cache_dir: Path | None,
-                progress: bool, split: str, report: LoadReport) -> list[str]:
+                progress: bool, split: str, report: LoadReport, group_by: str = "smear") -> list[str]:
     if task.name == "malaria":
         report.group_method[split] = "filename-prefix"
         return [malaria_group(f) for f in files]
     if task.name == "blood-cells":
-        return _blood_groups(paths, smear_dir, cache_dir, progress, split, report)
+        return _blood_groups(paths, smear_dir, cache_dir, progress, split, report, group_by)
     report.group_method[split] = "per-image"
     return [f"image:{f}" for f in files]
 
@@ -529,7 +560,7 @@ def _collect_split(entries: list[tuple[str, Path, list[Path]]], task: Task, repo
 
 
 def _load_local(path: Path, task: Task | None, cache_dir: Path | None, smear_dir: Path | None,
-                progress: bool, report: LoadReport):
+                progress: bool, report: LoadReport, group_by: str = "smear"):
     from datasets import Dataset, DatasetDict
 
     path = Path(os.path.abspath(path))
@@ -568,7 +599,7 @@ def _load_local(path: Path, task: Task | None, cache_dir: Path | None, smear_dir
         files = [rel for _, _, rel in good]
         labels = [task.label2id[lab] for _, lab, _ in good]
         groups = _groups_for(task, paths, files, smear_dir if task.name == "blood-cells" else None,
-                             cache_dir, progress, split, report)
+                             cache_dir, progress, split, report, group_by)
         if layout.kind == "imagefolder":
             ds = _via_imagefolder(paths, labels, groups, files, task, cache_dir)
         else:
@@ -714,7 +745,7 @@ def _is_parquet_folder(path: Path) -> bool:
 
 def load_cell_dataset(source: str | os.PathLike, task: str | Task | None = None, *,
                       cache_dir: str | os.PathLike | None = None, return_report: bool = False,
-                      smear_dir: str | os.PathLike | None = None, progress: bool = True):
+                      smear_dir: str | os.PathLike | None = None, group_by: str = "smear", progress: bool = True):
     """Load a cell-image dataset as a ``DatasetDict`` with ``image``, ``label``, ``group``, ``file``.
 
     Args:
@@ -727,6 +758,9 @@ def load_cell_dataset(source: str | os.PathLike, task: str | Task | None = None,
         return_report: also return a :class:`LoadReport` (skipped files, grouping, layout).
         smear_dir: folder of full smears for blood-cell grouping; found automatically next to a
             Kaggle download (``dataset-master/dataset-master/JPEGImages``).
+        group_by: blood cells with smears: ``"smear"`` (the source smear of each crop) or
+            ``"field"`` (smears that show overlapping areas of one slide — consecutive frames —
+            share a group: stricter, removes the last cross-smear copies; computed once, cached).
         progress: show progress bars.
 
     Splits are ``train``, ``validation``, ``test``, ``test_simple`` — whichever exist. A file that
@@ -734,6 +768,8 @@ def load_cell_dataset(source: str | os.PathLike, task: str | Task | None = None,
     folder or an unknown class folder raises an error naming what was expected.
     """
     task_obj = get_task(task) if task is not None else None
+    if group_by not in ("smear", "field"):
+        raise ValueError(f"group_by must be 'smear' or 'field', got {group_by!r}.")
     src = str(source)
     path = Path(src).expanduser()
     report = LoadReport(source=src, task=task_obj.name if task_obj else "", source_kind="")
@@ -759,7 +795,8 @@ def load_cell_dataset(source: str | os.PathLike, task: str | Task | None = None,
             report.source_kind, report.root = "parquet-folder", str(path)
             dsd, task_obj = _normalize_external(raw, task_obj, report, source=src)
         else:
-            dsd = _load_local(path, task_obj, local_cache, Path(smear_dir) if smear_dir else None, progress, report)
+            dsd = _load_local(path, task_obj, local_cache, Path(smear_dir) if smear_dir else None, progress, report,
+                              group_by)
             task_obj = get_task(report.task)
     else:
         hub_id = src

@@ -376,3 +376,26 @@ def test_hub_failure_names_the_source(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(FileNotFoundError, match="'someone/missing' is not a local folder.*offline"):
         load_cell_dataset("someone/missing")
+
+
+def test_group_by_field_merges_smears_of_one_field(blood_root, truth_matcher, monkeypatch):
+    from cellhub import smears
+
+    calls = []
+
+    def fields(smear_dir, progress=True):
+        calls.append(smear_dir)
+        ids = sorted({v for v in json.loads((blood_root / "_truth.json").read_text()).values()})
+        return {i: (ids[0] if i == ids[1] else i) for i in ids}  # the first two smears: one field
+
+    monkeypatch.setattr(smears, "smear_fields", fields)
+    dsd, report = load_cell_dataset(blood_root, return_report=True, group_by="field", progress=False)
+    by_smear = load_cell_dataset(blood_root, progress=False)
+    assert report.group_method["train"] == "field"
+    pairs = set(zip(by_smear["train"]["group"], dsd["train"]["group"]))
+    assert ("BloodImage_00001", "field:BloodImage_00000") in pairs and ("BloodImage_00000", "field:BloodImage_00000") in pairs
+    assert all(f == f"field:{s}" for s, f in pairs if s not in ("BloodImage_00000", "BloodImage_00001"))
+    load_cell_dataset(blood_root, group_by="field", progress=False)
+    assert len(calls) == 1  # computed once, then cached
+    with pytest.raises(ValueError, match="group_by"):
+        load_cell_dataset(blood_root, group_by="cell")
