@@ -669,9 +669,10 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
         "svm": f"an **SVM** (RBF kernel, Platt-scaled probabilities) on features of a cellhub "
                f"`{backbone}` backbone",
     }[kind]
-    task_part = (f" for the `{task.name}` task ({task.description.rstrip('.')})" if task else "")
+    task_part = (f" for the `{task.name}` task: {task.description.rstrip('.')}" if task else "")
     lines += [
-        f"This is {what}{task_part}. It classifies one single-cell crop into {len(labels)} classes: "
+        f"This is {what}{task_part}.", "",
+        f"It classifies one single-cell crop into {len(labels)} classes: "
         + ", ".join(f"`{x}`" for x in labels) + ".",
         "",
         "Made with **cellhub**, open-source blood-smear cell classification (MIT licence).",
@@ -730,10 +731,21 @@ def build_model_card(directory: str | Path, repo_id: str | None = None) -> Any:
     lines.append("")
 
     if recipe:
+        shown = dict(recipe)
+        # what the model really is (a CLI default such as pretrained=True means nothing for smallcnn)
+        if "pretrained" in shown and kind != "svm":
+            shown["pretrained"] = bool(section.get("pretrained"))
+        notes = shown.pop("notes", None)
         lines += ["## Training recipe", "", "| setting | value |", "|---|---|"]
-        for k, v in recipe.items():
+        for k, v in shown.items():
+            if v is None or v == [] or v == {}:
+                continue
+            if isinstance(v, str) and (Path(v).is_absolute() or v.startswith(("~", "./", "../"))):
+                v = f"local folder {Path(v).name}"  # no machine-local paths in a public card
             lines.append(f"| {k} | `{json.dumps(v) if not isinstance(v, str) else v}` |")
         lines.append("")
+        if notes:
+            lines += ["Notes:", ""] + [f"- {n}" for n in (notes if isinstance(notes, list) else [notes])] + [""]
 
     lines += ["## Evaluation", ""]
     if metrics:
