@@ -418,28 +418,27 @@ def resolve_labels(labels: str | Sequence[str] | Any) -> tuple[list[str], str | 
     return names, task
 
 
+def _train_keeping_backbone_norms_frozen(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``model.train`` of a frozen-backbone model (module-level: survives deepcopy and pickling)."""
+    type(self).train(self, mode)
+    if mode:
+        head = {id(m) for m in self.get_classifier().modules()}
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head:
+                m.eval()
+    return self
+
+
 def freeze_backbone_layers(model: nn.Module) -> nn.Module:
     """Feature-extraction mode: only ``get_classifier()`` trains.
 
     Backbone parameters get ``requires_grad=False`` and the backbone's BatchNorm layers stay in
     eval mode even under ``model.train()``, so the features are a fixed function of the input.
     """
-    classifier = model.get_classifier()
-    head_params = {id(p) for p in classifier.parameters()}
+    head_params = {id(p) for p in model.get_classifier().parameters()}
     for p in model.parameters():
         p.requires_grad = id(p) in head_params
-    head_modules = {id(m) for m in classifier.modules()}
-    frozen_norms = [m for m in model.modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head_modules]
-    original_train = type(model).train
-
-    def train(self: nn.Module, mode: bool = True) -> nn.Module:
-        original_train(self, mode)
-        for m in frozen_norms:
-            m.eval()
-        return self
-
-    model.train = types.MethodType(train, model)  # type: ignore[method-assign]
+    model.train = types.MethodType(_train_keeping_backbone_norms_frozen, model)  # type: ignore[method-assign]
     model.train(model.training)
     return model
 

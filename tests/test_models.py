@@ -160,6 +160,10 @@ def test_freeze_backbone_trains_only_the_head():
     assert m.cellhub_config["freeze_backbone"] is True
     m.eval()
     assert not m.training
+    import copy
+
+    clone = copy.deepcopy(m).train()  # e.g. an EMA copy keeps the behaviour, on its own modules
+    assert clone.training and not clone.bn1.training and not m.training
 
 
 def test_pretrained_offline_is_a_clear_error(tmp_path, monkeypatch):
