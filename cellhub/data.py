@@ -694,11 +694,14 @@ def _normalize_external(dsd, task: Task | None, report: LoadReport, *, source: s
         name_index = {n: i for i, n in enumerate(src_names)}
         raw_labels = list(ds[lab_col])
         new_labels = [mapping[v if isinstance(v, (int, np.integer)) else name_index[str(v)]] for v in raw_labels]
-        undecoded = ds.cast_column(img_col, Image(decode=False)) if isinstance(ds.features[img_col], Image) else None
-        img_paths = ([(x or {}).get("path") for x in undecoded[img_col]] if undecoded is not None else [None] * len(ds))
         if "file" in ds.column_names:
             files = [str(f) for f in ds["file"]]
-        else:
+        else:  # the stored file name of each image, when the dataset kept one
+            img_paths: list[str | None] = [None] * len(ds)
+            if isinstance(ds.features[img_col], Image):
+                paths_only = ds.select_columns([img_col]).cast_column(img_col, Image(decode=False)).with_format("arrow")
+                column = paths_only[:][img_col]  # a pyarrow table slice: respects select()/shuffle()
+                img_paths = column.combine_chunks().field("path").to_pylist()
             files = [Path(p).name if p else f"{split}/{i:06d}" for i, p in enumerate(img_paths)]
         if "group" in ds.column_names:
             groups = [str(g) for g in ds["group"]]
