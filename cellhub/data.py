@@ -945,11 +945,13 @@ def _dataset_key(ds) -> str:
     h = hashlib.sha1()
     h.update(json.dumps(ds.features.to_dict(), sort_keys=True, default=str).encode())
     if "image" in ds.column_names and isinstance(ds.features["image"], Image):
-        raw = ds.cast_column("image", Image(decode=False))["image"]
-        if all(x and x.get("path") and not x.get("bytes") for x in raw):
-            for x in raw:
-                st = os.stat(x["path"])
-                h.update(f"{x['path']}|{st.st_size}|{st.st_mtime_ns};".encode())
+        col = ds.select_columns(["image"]).cast_column("image", Image(decode=False)).with_format("arrow")[:]["image"]
+        col = col.combine_chunks()
+        paths = col.field("path").to_pylist()
+        if len(ds) and all(paths) and col.field("bytes").null_count == len(ds):  # images are local files
+            for path in paths:
+                st = os.stat(path)
+                h.update(f"{path}|{st.st_size}|{st.st_mtime_ns};".encode())
             h.update(json.dumps([list(ds[c]) for c in ("label", "group") if c in ds.column_names]).encode())
             return h.hexdigest()[:20]
     h.update(str(ds._fingerprint).encode())
