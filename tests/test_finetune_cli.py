@@ -103,3 +103,22 @@ def test_bad_dataset_is_a_clear_error(tmp_path, capsys):
     rc = cli.main(["--dataset", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_reproduce_quick_writes_the_table(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("reproduce_cli", ROOT / "train" / "reproduce.py")
+    rep = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "reproduce_cli", rep)  # dataclasses look their module up
+    spec.loader.exec_module(rep)
+    monkeypatch.setitem(rep.QUICK, "max_train_samples", 48)
+    monkeypatch.setitem(rep.QUICK, "n_boot", 50)
+    monkeypatch.setitem(rep.QUICK_OVERRIDES, "smallcnn", {"epochs": 1})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = rep.main(["--quick", "--tasks", "malaria", "--only", "smallcnn", "--image-size", "16",
+                   "--output-dir", str(tmp_path / "rep"), "--no-progress"])
+    assert rc == 0
+    text = (tmp_path / "rep" / "RESULTS.md").read_text()
+    assert "synthetic images" in text and "Small CNN with BatchNorm" in text
+    assert "no test split" in text and "(vs val)" in text
+    results = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert results[0]["status"] == "ok" and results[0]["result"]["splits"]["validation"]["ci95"]
