@@ -35,6 +35,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # processes compete for the cores (measured: ResNet18 batch-1 forward 50 ms -> 200-2,400 ms at load 6
 # on 2 cores). Benchmarks default to passive waiting; OMP_WAIT_POLICY=ACTIVE in the environment
 # measures the other. Must be set before torch is imported.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # as the user started us (None: unset)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 BLOOD_LABELS = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
