@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({agree['unlabelled']} on smears without a label)")
     print(f"wall time: {wall:.1f}s ({1000 * wall / max(len(crops), 1):.1f} ms/crop)")
     if args.fields:
-        fields = smear_fields(smear_dir)
+        fields = smear_fields(smear_dir, cache_dir=args.cache_dir or None)
         n_fields = len({fields.get(s, s) for s in attributed.values()})
         print(f"distinct fields (overlapping smears merged): {n_fields}")
     if args.fallback:

@@ -617,16 +617,32 @@ def fallback_groups(
 
 
 def smear_fields(
-    smear_dir: str | os.PathLike, *, progress: bool = True, params: MatchParams | None = None
+    smear_dir: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    params: MatchParams | None = None,
 ) -> dict[str, str]:
     """Map each smear id to a field id shared by smears that show overlapping areas of one slide.
 
     The field id is the smallest smear id of its connected component (a smear alone is its own
-    field). Use it instead of the smear id to group splits when consecutive frames must not be
-    separated. Unreadable smears are logged and left out.
+    field). Use it instead of the smear id to group splits: in the Kaggle data some "different"
+    cells are the same cell cut from two consecutive frames (e.g. BloodImage_00382 and _00395).
+    Unreadable smears are logged and left out. Cached like :func:`match_crops_to_smears`.
     """
     params = params or MatchParams()
     _, smear_paths = _resolve_smear_dir(smear_dir)
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_file = cache_root / f"smear-fields-{_smear_set_key(smear_paths, params)}.json"
+    cached = _load_cache(cache_file)
+    if cached:
+        return {str(k): str(v) for k, v in cached.items()}
+    fields = _smear_fields(smear_paths, params, progress)
+    _save_cache(cache_file, fields, {"n_smears": len(smear_paths)})
+    return fields
+
+
+def _smear_fields(smear_paths: Sequence[Path], params: MatchParams, progress: bool) -> dict[str, str]:
     extractor = _Extractor(params.smear_features, params.smear_scale, params.contrast_threshold)
     names, bank = _build_bank(smear_paths, extractor, params, 1, progress, "smear features")
     parent = list(range(len(names)))
@@ -653,4 +669,6 @@ def smear_fields(
     components: dict[int, list[str]] = {}
     for i, name in enumerate(names):
         components.setdefault(find(i), []).append(name)
-    return {name: min(members) for members in components.values() for name in members}
+    fields = {name: min(members) for members in components.values() for name in members}
+    logger.info("smear_fields: %d smears in %d fields", len(names), len(components))
+    return fields

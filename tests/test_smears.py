@@ -162,12 +162,14 @@ def test_fallback_groups_put_copies_together_and_warn(dataset, caplog):
     assert len({next(iter(g)) for g in by_source.values()}) == len(by_source)
 
 
-def test_smear_fields_merge_overlapping_frames(tmp_path):
+def test_smear_fields_merge_overlapping_frames(tmp_path, monkeypatch):
     big = _textured_smear(7, size=(720, 360))
     cv2.imwrite(str(tmp_path / "BloodImage_00001.jpg"), big[:, :480])
     cv2.imwrite(str(tmp_path / "BloodImage_00002.jpg"), big[:, 240:])  # half of it overlaps 00001
     cv2.imwrite(str(tmp_path / "BloodImage_00003.jpg"), _textured_smear(8))
-    fields = smear_fields(tmp_path, progress=False)
+    fields = smear_fields(tmp_path, cache_dir=tmp_path / "cache", progress=False)
+    monkeypatch.setattr(smears, "_smear_fields", lambda *a, **k: pytest.fail("not served from the cache"))
+    assert fields == smear_fields(tmp_path, cache_dir=tmp_path / "cache", progress=False)
     assert fields == {
         "BloodImage_00001": "BloodImage_00001",
         "BloodImage_00002": "BloodImage_00001",
