@@ -9,6 +9,8 @@ The baseline is the same work done in-process, without the server: ``read_image`
 ``Predictor.predict([img], with_cam=True)`` + ``Predictor.overlay`` for every model of the task
 (what the app's handler calls). ratio = p50 through the app (one client) / p50 in-process, i.e.
 the cost of the web layer (upload, queue, PNG encoding of the overlays, download).
+``no_model_roundtrip_p50_ms`` is the floor of that layer: an upload to an unknown task, which the
+app rejects with ``gr.Error`` before any model runs.
 
 Models: ``--models DIR...`` (checkpoint folders or Hub ids), else the bundled ``checkpoints/``
 when it has any, else small *untrained* checkpoints written to a temp dir with
@@ -151,6 +153,17 @@ def run(args) -> list[C.Result]:
             one(client)  # first request: lazy imports, kernels
             single = [one(client) for _ in range(n_req)]
 
+            def rejected() -> float:
+                # the web layer alone: upload + queue + an immediate gr.Error (unknown task, no model runs)
+                t = time.perf_counter()
+                try:
+                    client.predict(image, "no-such-task", api_name="/predict")
+                except Exception:  # noqa: BLE001 - gradio_client raises AppError for gr.Error
+                    return time.perf_counter() - t
+                raise SystemExit("app.py accepted an unknown task; the floor measurement is invalid")
+
+            floor = [rejected() for _ in range(max(3, n_req // 2))]
+
             clients = [Client(url, verbose=False) for _ in range(args.clients)]
             lat: list[float] = []
             errors: list[str] = []
@@ -180,18 +193,21 @@ def run(args) -> list[C.Result]:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    if errors:
-        C.detail(f"{len(errors)} concurrent request(s) failed, e.g. {errors[0]}")
+    for e in sorted(set(errors)):
+        C.detail(f"concurrent request failed ({errors.count(e)}x): {e}")
     p50, p95 = C.percentile(single, 50), C.percentile(single, 95)
     d50 = C.median(direct_t)
     c50, c95 = C.percentile(lat, 50), C.percentile(lat, 95)
     ratio = p50 / d50
     n_models = len(by_task[task])
+    f50 = C.percentile(floor, 50)
     C.detail(f"app: ready in {ready_s:.1f} s; /predict ({n_models} models with CAM, task {task}) "
              f"p50 {p50 * 1000:.0f} ms p95 {p95 * 1000:.0f} ms alone; in-process {d50 * 1000:.0f} ms; "
+             f"upload+queue+error round trip (no model) {f50 * 1000:.0f} ms; "
              f"{args.clients} clients: p50 {c50 * 1000:.0f} ms p95 {c95 * 1000:.0f} ms, {len(lat) / wall:.2f} req/s")
     fields = {
         "ready_s": ready_s, "p50_ms": p50 * 1000, "p95_ms": p95 * 1000, "inproc_p50_ms": d50 * 1000,
+        "no_model_roundtrip_p50_ms": f50 * 1000,
         f"p50_{args.clients}clients_ms": c50 * 1000, f"p95_{args.clients}clients_ms": c95 * 1000,
         f"req_s_{args.clients}clients": len(lat) / wall, "failed": len(errors),
         "models": what_models, "n_models": n_models, "task": task, "requests": n_req,

@@ -3,13 +3,16 @@
 For each model (``cellhub.create_model(name, "blood-cells", pretrained=False)``), the training
 step of ``cellhub.training.fit`` (forward, float32 cross-entropy, backward, AdamW step) on
 batches already on the device, so that the figure is the model's compute, not the input
-pipeline (see `train-input` for that), interleaved:
+pipeline, interleaved:
 
 * ``fp32``          -- float32, NCHW, eager                                    (the baseline)
 * ``bf16+cl``       -- bf16 autocast + channels_last, eager (what ``fit()`` does on CUDA)
 * ``bf16+cl+compile`` -- the same under ``torch.compile``
 
 ratio = best variant img/s / fp32 img/s for ResNet18 (ResNet50's on the line too).
+``fit_input_limit_img_s`` is the other half of the story: how many images/s ``fit()``'s CPU input
+pipeline (``transforms.train_transform`` on decode-once pixels, in ``_auto_workers(True)``
+DataLoader workers) can deliver on this machine -- the ceiling for end-to-end training.
 Targets on one H100: ratio >= 2.5 and >= 6,000 img/s for ResNet18.
 
 Without a GPU this runs a CPU smoke test of the same code (ResNet18, small batch, few steps,
@@ -58,6 +61,25 @@ def make_step(name: str, variant: str, device, batch: int, size: int):
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def feed_rate(name: str, n: int = 60) -> tuple[float, int]:
+    """Images/s one CPU core gets through ``fit()``'s train transform on decode-once cached pixels
+    at this model's input size, and the worker count ``fit()`` would use on CUDA here."""
+    import numpy as np
+
+    from cellhub import create_model, training, transforms
+
+    dcfg = transforms.resolve_data_config(create_model(name, "blood-cells", pretrained=False))
+    size = int(dcfg["input_size"][-1])
+    tf = transforms.train_transform(dcfg)
+    px = np.random.default_rng(0).integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)  # 320x240 aspect
+    for _ in range(3):
+        tf(px)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tf(px)
+    return n / (time.perf_counter() - t0), training._auto_workers(True)
 
 
 def sync(device) -> None:
@@ -119,6 +141,10 @@ def run(args) -> list[C.Result]:
         res[name] = (r, b)
         C.detail(f"{name} batch {b} at {size}px on {device}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in r["ips"].items())
                  + "; warm-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["first"].items()))
+    per_core, workers = feed_rate(models[0], 20 if smoke else 100)
+    C.detail(f"input pipeline: fit()'s train_transform at {size}px runs at {per_core:.0f} img/s per CPU core; "
+             f"with the {workers} DataLoader workers fit() uses on CUDA here it feeds at most "
+             f"~{per_core * workers:.0f} img/s")
     head_name = "resnet18" if "resnet18" in res else models[0]
     head = res[head_name][0]["ips"]
     best = max(head, key=head.get)
@@ -128,6 +154,7 @@ def run(args) -> list[C.Result]:
         if name != head_name:
             nb = max(r["ips"], key=r["ips"].get)
             fields[name] = f"{r['ips'][nb] / r['ips']['fp32']:.2f}x({r['ips']['fp32']:.0f}->{r['ips'][nb]:.0f}img/s,{nb})"
+    fields["fit_input_limit_img_s"] = f"{per_core * workers:.0f}({workers}workers_x_{per_core:.0f}img/s/core)"
     fields.update(px=size, batch=batch, steps=steps, repeats=rounds, device=str(device))
     if on_gpu:
         fields["gpu"] = torch.cuda.get_device_name(0)

@@ -138,7 +138,7 @@ def cpu_opts(args) -> C.Result:
     from cellhub import create_model
 
     bs = args.batch_size
-    steps = args.steps or (3 if args.quick else 10)
+    steps = args.steps or (3 if args.quick else 5)
     size = None
     variants = ["eager", "channels_last"]
     if not args.no_compile:
