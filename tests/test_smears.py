@@ -200,3 +200,15 @@ def test_cache_writes_merge_with_other_processes(dataset, tmp_path):
     smears._save_cache(cache_file, other, {})  # as another process holding only its own entries would
     entries = json.loads(cache_file.read_text())["entries"]
     assert set(entries) == {str(Path(c).resolve()) for c in crops} | set(other)
+
+
+def test_corrupt_cache_is_ignored(dataset, tmp_path, caplog):
+    root, smear_dir, truth, _ = dataset
+    crop = next(c for c, s in truth.items() if s)
+    match_crops_to_smears([crop], smear_dir, cache_dir=tmp_path, progress=False)
+    (cache_file,) = tmp_path.glob("crops-to-smears-*.json")
+    cache_file.write_text("[1, 2")  # truncated JSON
+    with caplog.at_level(logging.WARNING, logger="cellhub.smears"):
+        assert match_crops_to_smears([crop], smear_dir, cache_dir=tmp_path, progress=False) == {crop: truth[crop]}
+    assert "cache" in caplog.text
+    assert json.loads(cache_file.read_text())["entries"]  # rewritten
