@@ -530,7 +530,11 @@ def _match_pass(
         ext = getattr(local, "extractor", None)
         if ext is None:
             ext = local.extractor = _Extractor(params.crop_features, params.crop_scale, params.contrast_threshold)
-        (m,) = _match_against([bank], gray, ext, params)
+        try:
+            (m,) = _match_against([bank], gray, ext, params)
+        except (cv2.error, ValueError) as exc:  # e.g. a degenerate (1-pixel) image
+            logger.warning("cannot match crop %s (%s); mapped to None", crop, exc)
+            return None, 0, False
         return (names[m.target] if m.target is not None else None), m.inliers, True
 
     outcomes: list[tuple[str | None, bool]] = []
@@ -597,7 +601,12 @@ def fallback_groups(
                     continue
                 pending = _FeatureBank(pending_pts, pending_desc, params) if pending_pts else None
                 banks = [b for b in (frozen, pending) if b is not None and len(b)]
-                matches = _match_against(banks, gray, extractor, params) if banks else []
+                try:
+                    matches = _match_against(banks, gray, extractor, params) if banks else []
+                except (cv2.error, ValueError) as exc:
+                    logger.warning("cannot match crop %s (%s); it gets a group of its own", crop, exc)
+                    groups[crop] = f"unreadable:{crop}"
+                    continue
                 best_group, best_n = None, 0
                 for bank, m in zip(banks, matches):
                     ids = frozen_ids if bank is frozen else pending_ids
@@ -606,7 +615,7 @@ def fallback_groups(
                 if best_group is None:
                     best_group = n_groups
                     n_groups += 1
-                    points, desc = extractor(gray, _padding_mask(gray))
+                    points, desc = extractor(gray, _padding_mask(gray))  # becomes an exemplar
                     if len(desc):
                         pending_pts.append(points)
                         pending_desc.append(desc)

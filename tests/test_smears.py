@@ -129,12 +129,14 @@ def test_corrupt_and_missing_files_map_to_none(dataset, tmp_path, caplog):
     corrupt = tmp_path / "corrupt.jpeg"
     corrupt.write_bytes(b"\xff\xd8\xff garbage")
     missing = tmp_path / "missing.jpeg"
+    tiny = tmp_path / "tiny.png"
+    cv2.imwrite(str(tiny), np.zeros((1, 1, 3), np.uint8))
     good = next(c for c, s in truth.items() if s)
     with caplog.at_level(logging.WARNING, logger="cellhub.smears"):
         result = match_crops_to_smears(
-            [corrupt, missing, good], bad_smears, cache_dir=tmp_path / "cache", progress=False
+            [corrupt, missing, tiny, good], bad_smears, cache_dir=tmp_path / "cache", progress=False
         )
-    assert result == {str(corrupt): None, str(missing): None, good: truth[good]}
+    assert result == {str(corrupt): None, str(missing): None, str(tiny): None, good: truth[good]}
     text = caplog.text
     assert "corrupt.jpeg" in text and "missing.jpeg" in text and "BloodImage_00099" in text
 
