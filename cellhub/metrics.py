@@ -240,7 +240,7 @@ def _binary_auc(y: np.ndarray, score: np.ndarray) -> float | None:
 def choose_abstention_threshold(
     y_true: Sequence[int],
     y_prob: Any,
-    target_accuracy: float = 0.95,
+    target_accuracy: float = 0.99,
     min_coverage: float = 0.05,
 ) -> dict[str, Any]:
     """Pick the max-softmax confidence below which a prediction should be referred to a human.

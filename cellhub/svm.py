@@ -533,7 +533,7 @@ def train_svm_baseline(
     val_fraction: float = 0.2,
     seed: int = 0,
     n_boot: int = 1000,
-    abstention_target: float = 0.95,
+    abstention_target: float = 0.99,
     batch_size: int = 64,
     train_eval_samples: int = 2000,
     progress: bool = True,
@@ -549,7 +549,7 @@ def train_svm_baseline(
     import time
 
     from . import data, hub, metrics, models
-    from .training import _cache_size, _subsample
+    from .training import _cache_size, _public_dataset_name, _subsample
 
     t0 = time.time()
     dsd, report = data.load_cell_dataset(dataset, task=task, cache_dir=cache_dir, return_report=True,
@@ -636,7 +636,7 @@ def train_svm_baseline(
     clf.cellhub_config["abstention"] = {k: abst[k] for k in ("threshold", "target_accuracy", "coverage",
                                                              "selective_accuracy", "met_target", "rule")}
     clf.cellhub_config["recipe"] = {
-        "dataset": dataset, "backbone": backbone_name, "backbone_pretrained": bool(net.cellhub_config.get("pretrained")),
+        "dataset": _public_dataset_name(dataset, report.source_kind), "backbone": backbone_name, "backbone_pretrained": bool(net.cellhub_config.get("pretrained")),
         "backbone_checkpoint": backbone_checkpoint, "features": "global-average-pooled last feature map",
         "scaler": "standardize (train mean/std)", "svm": {"C": C, "kernel": kernel, "gamma": gamma,
                                                           "decision_function_shape": "ovo"},

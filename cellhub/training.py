@@ -67,7 +67,7 @@ class TrainConfig:
     max_eval_samples: int | None = None
     val_fraction: float = 0.2
     select_metric: str = "macro_f1"
-    abstention_target: float = 0.95
+    abstention_target: float = 0.99
     num_workers: int | None = None
     #: torch intra-op CPU threads for this run (None: torch's default, one per core)
     num_threads: int | None = None
@@ -672,7 +672,8 @@ def _fit(cfg: TrainConfig) -> dict[str, Any]:
         raw_model.load_state_dict(best_state, strict=True)
     results: dict[str, Any] = {}
     probs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, loader in eval_loaders.items():
+    order = [n for n in ("validation", "test", "test_simple", "train") if n in eval_loaders]
+    for name, loader in ((n, eval_loaders[n]) for n in order):
         p, y, _ = _predict_loader(model, loader, accelerator, channels_last)
         probs[name] = (p, y)
         results[name] = metrics.classification_metrics(y, p, labels, groups=groups[name], n_boot=cfg.n_boot,
@@ -711,7 +712,10 @@ def _fit(cfg: TrainConfig) -> dict[str, Any]:
         cc["abstention_threshold"] = abst["threshold"]
         cc["abstention"] = {k: abst[k] for k in ("threshold", "target_accuracy", "coverage", "selective_accuracy",
                                                  "met_target", "rule")}
-        cc["recipe"] = dict(cfg.recipe(), optimizer="AdamW", schedule="cosine with linear warm-up",
+        cc["recipe"] = dict(cfg.recipe(), dataset=_public_dataset_name(cfg.dataset, report.source_kind),
+                            task=task_name, pretrained=bool(cc.get("pretrained")), drop_rate=cc.get("drop_rate"),
+                            image_size=size, channels_last=channels_last,
+                            optimizer="AdamW", schedule="cosine with linear warm-up",
                             augmentation="flips, 90-degree rotations, mild colour jitter",
                             validation="grouped (no source cell / patient on both sides)",
                             best_epoch=best_epoch, notes=notes, mixed_precision=mp,
@@ -729,6 +733,15 @@ def _fit(cfg: TrainConfig) -> dict[str, Any]:
                     results[ref]["macro_f1"], abst["threshold"], out_dir)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _public_dataset_name(dataset: str, source_kind: str) -> str:
+    """How the data is named in a published config: Hub ids and task names as given; a local
+    folder by its name and layout only (no machine-local path in a model card)."""
+    p = Path(dataset).expanduser()
+    if p.exists():
+        return f"local folder '{p.name}' ({source_kind})"
+    return dataset
 
 
 # ----------------------------------------------------------------------------------- evaluate

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--label-smoothing", type=float, default=0.0)
     o.add_argument("--select-metric", default="macro_f1", choices=("macro_f1", "accuracy", "loss"),
                    help="grouped-validation score that picks the saved epoch")
-    o.add_argument("--abstention-target", type=float, default=0.95,
+    o.add_argument("--abstention-target", type=float, default=0.99,
                    help="the abstention threshold keeps validation predictions at least this accurate")
     o.add_argument("--seed", type=int, default=0)
 

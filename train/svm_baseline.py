@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--abstention-target", type=float, default=0.95)
+    p.add_argument("--abstention-target", type=float, default=0.99)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--push-to-hub", action="store_true")
