@@ -748,7 +748,7 @@ def _is_parquet_folder(path: Path) -> bool:
 
 def load_cell_dataset(source: str | os.PathLike, task: str | Task | None = None, *,
                       cache_dir: str | os.PathLike | None = None, return_report: bool = False,
-                      smear_dir: str | os.PathLike | None = None, group_by: str = "smear", progress: bool = True):
+                      smear_dir: str | os.PathLike | None = None, group_by: str = "field", progress: bool = True):
     """Load a cell-image dataset as a ``DatasetDict`` with ``image``, ``label``, ``group``, ``file``.
 
     Args:
@@ -761,9 +761,10 @@ def load_cell_dataset(source: str | os.PathLike, task: str | Task | None = None,
         return_report: also return a :class:`LoadReport` (skipped files, grouping, layout).
         smear_dir: folder of full smears for blood-cell grouping; found automatically next to a
             Kaggle download (``dataset-master/dataset-master/JPEGImages``).
-        group_by: blood cells with smears: ``"smear"`` (the source smear of each crop) or
-            ``"field"`` (smears that show overlapping areas of one slide — consecutive frames —
-            share a group: stricter, removes the last cross-smear copies; computed once, cached).
+        group_by: blood cells with smears: ``"field"`` (default: smears that show overlapping
+            areas of one slide — consecutive frames, where Kaggle cut the same cell twice — share
+            a group; computed once, cached) or ``"smear"`` (the source smear of each crop: one
+            group per cut cell, which still lets the few twice-cut cells leak across a split).
         progress: show progress bars.
 
     Splits are ``train``, ``validation``, ``test``, ``test_simple`` — whichever exist. A file that

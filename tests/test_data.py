@@ -71,7 +71,8 @@ def test_kaggle_blood_layout_found_from_any_folder(blood_root, truth_matcher):
 
 
 def test_blood_label_order_groups_and_files(blood_root, truth_matcher):
-    dsd, report = load_cell_dataset(blood_root, task="blood-cells", return_report=True, progress=False)
+    dsd, report = load_cell_dataset(blood_root, task="blood-cells", return_report=True, progress=False,
+                                    group_by="smear")
     truth = _truth(blood_root)
     images = blood_root / "dataset2-master" / "dataset2-master" / "images"
     for split, folder in (("train", "TRAIN"), ("test", "TEST")):
@@ -105,7 +106,8 @@ def test_blood_without_smears_warns_and_falls_back(tmp_path, monkeypatch, caplog
 
 def test_real_smear_matcher_attributes_crops_to_their_own_smear(tmp_path):
     root = synthetic.write_kaggle_blood_cells(tmp_path / "b", n_cells_per_class=1, copies=2, splits=("TRAIN",))
-    dsd, report = load_cell_dataset(root, return_report=True, progress=False)
+    dsd, report = load_cell_dataset(root, return_report=True, progress=False,
+                                    group_by="smear")
     truth = _truth(root)
     images = root / "dataset2-master" / "dataset2-master" / "images" / "TRAIN"
     matched = 0
@@ -390,12 +392,13 @@ def test_group_by_field_merges_smears_of_one_field(blood_root, truth_matcher, mo
 
     monkeypatch.setattr(smears, "smear_fields", fields)
     dsd, report = load_cell_dataset(blood_root, return_report=True, group_by="field", progress=False)
-    by_smear = load_cell_dataset(blood_root, progress=False)
+    by_smear = load_cell_dataset(blood_root, group_by="smear", progress=False)
     assert report.group_method["train"] == "field"
     pairs = set(zip(by_smear["train"]["group"], dsd["train"]["group"]))
     assert ("BloodImage_00001", "field:BloodImage_00000") in pairs and ("BloodImage_00000", "field:BloodImage_00000") in pairs
     assert all(f == f"field:{s}" for s, f in pairs if s not in ("BloodImage_00000", "BloodImage_00001"))
-    load_cell_dataset(blood_root, group_by="field", progress=False)
+    default = load_cell_dataset(blood_root, progress=False)  # field grouping is the default
+    assert default["train"]["group"] == dsd["train"]["group"]
     assert len(calls) == 1  # computed once, then cached
     with pytest.raises(ValueError, match="group_by"):
         load_cell_dataset(blood_root, group_by="cell")
