@@ -142,9 +142,9 @@ def run(args) -> list[C.Result]:
             client = Client(url, verbose=False)
             image = handle_file(str(img_path))
 
-            def one(c) -> float:
+            def one(c, img=image) -> float:
                 t = time.perf_counter()
-                out = c.predict(image, task, api_name="/predict")
+                out = c.predict(img, task, api_name="/predict")
                 dt = time.perf_counter() - t
                 if not isinstance(out, (list, tuple)) or len(out) < 2 + 3 * len(by_task[task]):
                     raise SystemExit(f"unexpected /predict output: {str(out)[:300]}")
@@ -165,14 +165,21 @@ def run(args) -> list[C.Result]:
             floor = [rejected() for _ in range(max(3, n_req // 2))]
 
             clients = [Client(url, verbose=False) for _ in range(args.clients)]
+            client_images = [image] * args.clients
+            if args.distinct_images:  # each client uploads its own image (no identical outputs)
+                client_images = []
+                for i in range(args.clients):
+                    path = tmp / f"cell-{i}.png"
+                    synthetic.draw_blood_cell(C.BLOOD_LABELS[i % 4], seed=1000 + i).save(path)
+                    client_images.append(handle_file(str(path)))
             lat: list[float] = []
             errors: list[str] = []
             lock = threading.Lock()
 
-            def worker(c) -> None:
+            def worker(c, img) -> None:
                 for _ in range(per_client):
                     try:
-                        dt = one(c)
+                        dt = one(c, img)
                     except Exception as exc:  # noqa: BLE001 - report, do not hang the benchmark
                         with lock:
                             errors.append(repr(exc)[:200])
@@ -180,7 +187,7 @@ def run(args) -> list[C.Result]:
                     with lock:
                         lat.append(dt)
 
-            threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+            threads = [threading.Thread(target=worker, args=(c, im)) for c, im in zip(clients, client_images)]
             tc = time.perf_counter()
             for t in threads:
                 t.start()
@@ -211,7 +218,8 @@ def run(args) -> list[C.Result]:
         f"p50_{args.clients}clients_ms": c50 * 1000, f"p95_{args.clients}clients_ms": c95 * 1000,
         f"req_s_{args.clients}clients": len(lat) / wall, "failed": len(errors),
         "models": what_models, "n_models": n_models, "task": task, "requests": n_req,
-        "app_omp": env.get("OMP_WAIT_POLICY", "default"), "device": "cpu", "load": C.load_average(),
+        "app_omp": env.get("OMP_WAIT_POLICY", "default"),
+        "concurrent_images": "distinct" if args.distinct_images else "identical", "device": "cpu", "load": C.load_average(),
     }
     return [C.Result("app", ratio, "p50 upload latency through app.py+gradio_client / same models in-process;",
                      fields, C.command())]
@@ -226,6 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--per-client", type=int, default=None, help="requests per concurrent client (default 6; --quick 2)")
     p.add_argument("--app-concurrency", type=int, default=None, help="pass --concurrency N to app.py")
+    p.add_argument("--distinct-images", action="store_true",
+                   help="each concurrent client uploads its own image (default: all upload the same one, the worst "
+                   "case for gradio's output cache)")
     p.add_argument("--omp-passive", action="store_true",
                    help="start app.py with OMP_WAIT_POLICY=PASSIVE (default: the environment as users have it)")
     args = p.parse_args(argv)

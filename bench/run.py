@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         cmd = C.command()
         section = [
-            f"\n## {started:%Y-%m-%d %H:%M %Z} — `{cmd}`\n",
+            f"\n## Run of {started:%Y-%m-%d %H:%M %Z}\n",
+            f"- command: `{cmd}`",
             "- machine: " + ", ".join(f"{k}={v}" for k, v in info.items()),
             f"- load average at the end: {C.load_average()}; total {total:.0f} s",
         ]
