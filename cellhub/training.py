@@ -601,9 +601,12 @@ def _fit(cfg: TrainConfig) -> dict[str, Any]:
             start_epoch = int(state["epoch"])
             logger.info("Resumed from %s at epoch %d/%d.", out_dir / CHECKPOINT_DIRNAME, start_epoch, cfg.epochs)
 
-    logger.info("Training %s on %s (%s): %d train / %d validation images, %d epochs, batch %d, %s, %d worker(s)",
-                cfg.model, task_name, cfg.dataset, len(train_set), len(eval_sets["validation"]), cfg.epochs,
-                cfg.batch_size, f"{accelerator.num_processes} x {accelerator.device}", n_workers)
+    if is_main:
+        logger.info("Training %s on %s (%s): %d train / %d validation images, %d epochs, batch %d per device, "
+                    "%s, %d worker(s), %d thread(s), %s, channels_last=%s",
+                    cfg.model, task_name, cfg.dataset, len(train_set), len(eval_sets["validation"]), cfg.epochs,
+                    cfg.batch_size, f"{accelerator.num_processes} x {accelerator.device}", n_workers,
+                    torch.get_num_threads(), f"mixed precision {mp}", channels_last)
 
     # ---- epochs
     for epoch in range(start_epoch, cfg.epochs):

@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DatasetLayoutError, PretrainedWeightsUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # `accelerate launch` with several processes: report once
+        return 0
     out = Path(args.output_dir)
     for name, m in summary["splits"].items():
         print()
