@@ -18,11 +18,16 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Before torch starts OpenMP: idle OpenMP threads sleep instead of spinning. The app runs model
+# calls in several threads next to Gradio's own; spinning threads made CPU inference 10-40x slower
+# on a busy 2-core machine (bench/RESULTS.md, run 1, finding 1). Set it in the environment to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -236,6 +241,36 @@ def build_app(
             raise gr.Error(f"Unknown task {task!r}: the loaded models cover {', '.join(map(repr, tasks))}.")
         return by_task[key]
 
+    last_prune = [time.monotonic()]
+
+    def prune_outputs(max_age: float = 3600.0, every: float = 60.0) -> None:
+        """Delete overlays and CSVs older than ``max_age`` seconds (Gradio has its own copies),
+        at most once every ``every`` seconds, so a long-running server does not fill its disk."""
+        now = time.monotonic()
+        if now - last_prune[0] < every:
+            return
+        last_prune[0] = now
+        cutoff = time.time() - max_age
+        for f in out_dir.glob("*"):
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+            except OSError:
+                pass
+
+    def save_overlay(p: Predictor, img: Image.Image, pred: Prediction) -> str:
+        """The CAM overlay as a PNG under a name of its own, returned as a path.
+
+        Returning a PIL image makes Gradio write it to ``cache/<hash of its bytes>/image.png`` in
+        place, so two requests that produce the same overlay rewrite the file while the first
+        is still downloading it (truncated images under concurrent identical uploads,
+        bench/RESULTS.md finding 6). Gradio copies a returned path atomically.
+        """
+        prune_outputs()
+        path = out_dir / f"cam-{uuid.uuid4().hex}.png"
+        p.overlay(img, pred).save(path, format="PNG")
+        return str(path)
+
     def predict_single(image: str | None, task: str) -> list[Any]:
         predictors = models_for(task)
         if not image:
@@ -249,7 +284,7 @@ def build_app(
         for p in predictors:
             pred = p.predict([img], with_cam=True)[0]
             preds.append(pred)
-            slots += [model_header(p, pred), pred.probs, p.overlay(img, pred) if pred.cam is not None else None]
+            slots += [model_header(p, pred), pred.probs, save_overlay(p, img, pred) if pred.cam is not None else None]
         slots += [None, None, None] * (n_slots - len(predictors))  # hidden slots of other tasks
         cons = consensus(preds)
         summary = {
@@ -304,6 +339,7 @@ def build_app(
                 f"None of the {len(refs)} file(s) could be read as an image: "
                 + "; ".join(f"{n}: {r}" for n, r in result.skipped[:5])
             )
+        prune_outputs()
         csv_path = result.write_csv(out_dir / f"cellhub-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.csv")
         table = {"headers": result.header(), "data": result.rows()}
         return [counts_markdown(result, task), table, str(csv_path), skipped_markdown(result.skipped)]

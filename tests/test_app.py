@@ -196,3 +196,28 @@ def test_app_without_models_still_builds_and_says_how_to_add_one() -> None:
     text = str(demo.config)
     assert "No model is loaded" in text and "--models" in text
     assert "could not load `org/broken`" in text
+
+
+def test_concurrent_identical_uploads_all_get_complete_cam_images(server: tuple[str, Client], cell_png: Path) -> None:
+    """The same image uploaded by several clients at once: every CAM download is a whole PNG.
+
+    Returning PIL images let Gradio rewrite one content-addressed cache file in place while an
+    earlier request still streamed it (truncated downloads, bench/RESULTS.md finding 6).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = server
+
+    def one(_: int) -> list[str]:
+        client = Client(url, verbose=False)
+        _, _, *slots = client.predict(handle_file(str(cell_png)), "blood-cells", api_name="/predict")
+        return [slots[2], slots[5]]
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(one, range(12)))
+    assert len(results) == 12
+    for cams in results:
+        for path in cams:
+            with Image.open(path) as im:
+                im.load()  # raises on a truncated file
+                assert im.size == (96, 72)

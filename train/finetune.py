@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+# idle OpenMP threads sleep rather than spin (set before torch loads; see bench/RESULTS.md, finding 1)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     import cellhub  # noqa: F401

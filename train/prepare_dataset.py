@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+# idle OpenMP threads sleep rather than spin (set before torch loads; see bench/RESULTS.md, finding 1)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     import cellhub  # noqa: F401

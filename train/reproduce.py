@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# idle OpenMP threads sleep rather than spin (set before torch loads; see bench/RESULTS.md, finding 1)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     import cellhub  # noqa: F401
 except ModuleNotFoundError:  # run from a source checkout without installing
