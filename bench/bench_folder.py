@@ -5,12 +5,12 @@ TRAIN crops) -- or real images with ``--data`` -- is classified by one checkpoin
 
 * ``loop``     -- for each file: ``read_image(path)`` then ``Predictor.predict([img])``  (the baseline)
 * ``batched``  -- ``collect_images([folder])`` + ``predict_files([predictor], refs, batch_size=32)``,
-                  which decodes each chunk in parallel threads and runs one forward per chunk
-                  (what ``python -m cellhub predict CKPT FOLDER`` does)
-* ``proposed`` -- the same ``predict_files`` call with the model in ``channels_last`` memory format
-                  and chunks of 8 (``--proposed-batch``): the change this benchmark motivates for
-                  CPU inference (on 2 cores, batch 32 is slower per image than batch 1; batch 8 in
-                  channels_last is the fastest). Reported as ``proposed=``; not the headline ratio.
+                  which decodes each chunk of 32 in parallel threads and runs it through the model
+                  in the Predictor's forward batches (8 on the CPU, channels_last weights: what
+                  ``python -m cellhub predict CKPT FOLDER`` does)
+* ``before``   -- the same ``predict_files`` call as it was before run 1's fix: the model in NCHW
+                  (contiguous) format and one forward per chunk of 32. Reported as ``before=``
+                  (its img/s over the loop's); not the headline ratio. ``--no-before`` skips it.
 
 Both without CAM. ratio = images/s batched / images/s loop; target >= 2. The two arms must give
 the same labels (checked).
@@ -66,17 +66,18 @@ def run(args) -> list[C.Result]:
                 out["batched"] = [d[pred.name] for d in res.predictions]
 
             torch.manual_seed(0)
-            fast = Predictor(create_model(model_name, "blood-cells", pretrained=False), device="cpu")
-            fast.model.to(memory_format=torch.channels_last)  # harness-side: the proposed Predictor default on CPU
+            old = Predictor(create_model(model_name, "blood-cells", pretrained=False), device="cpu")
+            old.model.to(memory_format=torch.contiguous_format)  # undo the CPU default: the pre-fix path
 
-            def proposed() -> None:
-                res = predict_files([fast], refs, batch_size=args.proposed_batch, workers=args.workers, with_cam=False)
-                out["proposed"] = [d[fast.name] for d in res.predictions]
+            def before() -> None:
+                res = predict_files([old], refs, batch_size=args.batch_size, workers=args.workers, with_cam=False,
+                                    forward_batch_size=args.batch_size)
+                out["before"] = [d[old.name] for d in res.predictions]
 
             arms = {"loop": loop, "batched": batched}
-            if not args.no_proposed:
-                arms["proposed"] = proposed
-            for q in (pred, fast):
+            if not args.no_before:
+                arms["before"] = before
+            for q in (pred, old):
                 q.predict([read_image(paths[0])], with_cam=False)  # load kernels once
             times = C.interleaved(arms, rounds=rounds, warmup=0)
             a = np.array([[p.probs[k] for k in pred.labels] for p in out["loop"]])
@@ -84,27 +85,27 @@ def run(args) -> list[C.Result]:
             same = int((a.argmax(1) == b.argmax(1)).sum())
             if same != n:
                 raise SystemExit(f"batched and per-image predictions disagree on {n - same} of {n} images")
-            if "proposed" in out:
-                c = np.array([[p.probs[k] for k in fast.labels] for p in out["proposed"]])
+            if "before" in out:
+                c = np.array([[p.probs[k] for k in old.labels] for p in out["before"]])
                 if int((a.argmax(1) == c.argmax(1)).sum()) != n:
-                    raise SystemExit("channels_last predictions disagree with the per-image loop")
+                    raise SystemExit("NCHW predictions disagree with the per-image loop")
             ips = {k: n / C.median(v) for k, v in times.items()}
             ratio = ips["batched"] / ips["loop"]
             C.detail(f"{model_name}: loop {ips['loop']:.1f} img/s, batched {ips['batched']:.1f} img/s "
                      f"(x{ratio:.2f})"
-                     + (f", proposed (channels_last, chunks of {args.proposed_batch}) {ips['proposed']:.1f} img/s "
-                        f"(x{ips['proposed'] / ips['loop']:.2f})" if "proposed" in ips else "")
+                     + (f", before (NCHW, one forward per chunk of {args.batch_size}) {ips['before']:.1f} img/s "
+                        f"(x{ips['before'] / ips['loop']:.2f})" if "before" in ips else "")
                      + f"; max |prob diff| {np.abs(a - b).max():.2e}; spread "
                      f"{max(C.spread(v) for v in times.values()):.2f}")
             results.append((model_name, ratio, ips))
     head = results[0]
     fields: dict = {"model": head[0], "batched_img_s": head[2]["batched"], "loop_img_s": head[2]["loop"]}
-    if "proposed" in head[2]:
-        fields["proposed"] = (f"{head[2]['proposed'] / head[2]['loop']:.2f}x({head[2]['proposed']:.0f}img/s,"
-                              f"channels_last,batch{args.proposed_batch})")
+    if "before" in head[2]:
+        fields["before"] = (f"{head[2]['before'] / head[2]['loop']:.2f}x({head[2]['before']:.0f}img/s,"
+                            f"NCHW,forward_batch{args.batch_size})")
     for name, ratio, ips in results[1:]:
         fields[f"{name}"] = f"{ratio:.2f}x({ips['batched']:.0f}/{ips['loop']:.0f}img/s)" + (
-            f",proposed={ips['proposed'] / ips['loop']:.2f}x" if "proposed" in ips else "")
+            f",before={ips['before'] / ips['loop']:.2f}x" if "before" in ips else "")
     fields.update(n=n, images=source, batch=args.batch_size, repeats=rounds, device="cpu")
     fields.update(C.env_fields())
     fields["target"] = f">={TARGET}"
@@ -118,8 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["smallcnn"], help="models; the first is the headline")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: predict_files' own)")
-    p.add_argument("--proposed-batch", type=int, default=8, help="chunk size of the proposed arm (default 8)")
-    p.add_argument("--no-proposed", action="store_true", help="skip the proposed channels_last arm")
+    p.add_argument("--no-before", action="store_true", help="skip the pre-fix arm (NCHW, one forward per chunk)")
     p.add_argument("--data", default=None, help="use real images from this folder instead of synthetic ones")
     args = p.parse_args(argv)
     C.setup_torch(args.threads)

@@ -180,7 +180,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "evaluate",
         help="metrics of a checkpoint on a dataset (grouped bootstrap CI)",
         description="Evaluate CHECKPOINT (local folder or Hub id) on DATA (Kaggle folder, image folder, "
-                    "saved dataset or Hub id): accuracy with a 95%% CI from a bootstrap over groups "
+                    "saved dataset or Hub id): accuracy with a 95% CI from a bootstrap over groups "
                     "(cells / patients), macro-F1, per-class precision/recall/F1, confusion matrix, "
                     "ROC AUC (two classes) and expected calibration error.",
     )

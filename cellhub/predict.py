@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
 import threading
@@ -315,9 +316,19 @@ def collect_images(
 
 
 def _decode_many(
-    refs: Sequence[ImageRef], limits: Limits, workers: int | None
-) -> list[Image.Image | InputError]:
-    """Read sequentially (zip members share a file handle), decode in parallel threads."""
+    refs: Sequence[ImageRef],
+    limits: Limits,
+    workers: int | None,
+    *,
+    transforms: Sequence[Callable[[Image.Image], torch.Tensor]] = (),
+    pool: ThreadPoolExecutor | None = None,
+) -> list[tuple[Image.Image, list[torch.Tensor]] | InputError]:
+    """Read sequentially (zip members share a file handle); decode, and apply each of
+    ``transforms`` (the models' eval preprocessing), in parallel threads.
+
+    Returns, per ref, ``(image, [transform(image) for each transform])`` or the
+    :class:`InputError` that says why it was skipped.
+    """
     blobs: list[bytes | InputError] = []
     archives: dict[Path, zipfile.ZipFile] = {}
     try:
@@ -333,20 +344,27 @@ def _decode_many(
         for zf in archives.values():
             zf.close()
 
-    def decode(item: tuple[ImageRef, bytes | InputError]) -> Image.Image | InputError:
+    def decode(item: tuple[ImageRef, bytes | InputError]) -> tuple[Image.Image, list[torch.Tensor]] | InputError:
         ref, blob = item
         if isinstance(blob, InputError):
             return blob
         try:
-            return read_image(blob, name=ref.name, limits=limits)
+            img = read_image(blob, name=ref.name, limits=limits)
         except InputError as exc:
             return exc
+        return img, [t(img) for t in transforms]
 
     pairs = list(zip(refs, blobs))
+    if pool is not None:
+        return list(pool.map(decode, pairs))
     if workers == 1 or len(pairs) < 4:
         return [decode(p) for p in pairs]
-    with ThreadPoolExecutor(max_workers=workers or min(8, (_cpu_count() or 1) + 1)) as pool:
-        return list(pool.map(decode, pairs))
+    with ThreadPoolExecutor(max_workers=_decode_workers(workers)) as own_pool:
+        return list(own_pool.map(decode, pairs))
+
+
+def _decode_workers(workers: int | None) -> int:
+    return max(1, workers or min(8, (_cpu_count() or 1) + 1))
 
 
 def _cpu_count() -> int:
@@ -556,16 +574,44 @@ class Predictor:
         if isinstance(images, (Image.Image, np.ndarray, str, Path)):
             images = [images]
         images = [read_image(im) if isinstance(im, (str, Path)) else im for im in images]
+        return self._predict_chunks(images, None, with_cam, batch_size, progress)
+
+    def predict_preprocessed(
+        self,
+        x: torch.Tensor,
+        with_cam: bool = True,
+        *,
+        batch_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Prediction]:
+        """Like :meth:`predict`, for a batch already run through :attr:`transform` ((B, 3, H, W)
+        float, e.g. preprocessed in decoding threads by :func:`predict_files`)."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) batch from Predictor.transform, got shape {tuple(x.shape)}")
+        return self._predict_chunks(None, x, with_cam, batch_size, progress)
+
+    def _predict_chunks(
+        self,
+        images: Sequence[Image.Image | np.ndarray] | None,
+        x_all: torch.Tensor | None,
+        with_cam: bool,
+        batch_size: int | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> list[Prediction]:
+        total = len(images) if images is not None else int(x_all.shape[0])  # type: ignore[union-attr]
         bs = batch_size or self.batch_size
         out: list[Prediction] = []
-        for start in range(0, len(images), bs):
-            chunk = images[start : start + bs]
+        for start in range(0, total, bs):
             t0 = time.perf_counter()
             with self._lock:
-                x = self.preprocess(chunk)
+                if images is not None:
+                    x = self.preprocess(images[start : start + bs])
+                else:
+                    x = x_all[start : start + bs].to(self.device)  # type: ignore[index]
+                n = int(x.shape[0])
                 logits, maps = self._forward(x, with_cam)
                 probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            per_image = (time.perf_counter() - t0) / len(chunk)
+            per_image = (time.perf_counter() - t0) / n
             if probs.shape[1] != len(self.labels):
                 raise RuntimeError(
                     f"{self.name}: the model outputs {probs.shape[1]} classes but its config lists "
@@ -587,7 +633,7 @@ class Predictor:
                     )
                 )
             if progress is not None:
-                progress(len(out), len(images))
+                progress(len(out), total)
         return out
 
 
@@ -739,29 +785,50 @@ def predict_files(
     total = len(refs)
     if progress:
         progress(0, total, "decoding images")
-    for start in range(0, total, batch_size):
-        chunk = list(refs[start : start + batch_size])
-        decoded = _decode_many(chunk, limits, workers)
-        good_refs, images = [], []
-        for ref, item in zip(chunk, decoded):
-            if isinstance(item, InputError):
-                result.skipped.append((ref.name, str(item).removeprefix(f"{ref.name}: ")))
-            else:
-                good_refs.append(ref)
-                images.append(item)
-        if images:
-            # each model runs the chunk in its own forward batches (8 on the CPU: faster per image)
-            per_model = {p.name: p.predict(images, with_cam=with_cam, batch_size=forward_batch_size) for p in predictors}
-            chunk_preds = [{m: per_model[m][i] for m in names} for i in range(len(images))]
-            for ref, preds in zip(good_refs, chunk_preds):
-                result.files.append(ref.name)
-                result.predictions.append(preds)
-                result.consensus.append(consensus(list(preds.values())))
-            if on_chunk is not None:
-                on_chunk(good_refs, images, chunk_preds)
-        if progress:
-            done = min(start + batch_size, total)
-            progress(done, total, f"{done}/{total} images")
+    # one preprocessing per distinct data config (models sharing one share the tensors)
+    keys = [json.dumps(p.data_config, sort_keys=True, default=str) for p in predictors]
+    distinct = list(dict.fromkeys(keys))
+    transforms = [predictors[keys.index(k)].transform for k in distinct]
+    which = [distinct.index(k) for k in keys]
+    starts = list(range(0, total, batch_size))
+    with ThreadPoolExecutor(max_workers=_decode_workers(workers)) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
+
+        def load(start: int) -> list[tuple[Image.Image, list[torch.Tensor]] | InputError]:
+            chunk = refs[start : start + batch_size]
+            return _decode_many(chunk, limits, workers, transforms=transforms, pool=pool)
+
+        # the next chunk decodes (in the pool's threads) while the models run on this one
+        pending = ahead.submit(load, starts[0]) if starts else None
+        for n_chunk, start in enumerate(starts):
+            decoded = pending.result()  # type: ignore[union-attr]
+            pending = ahead.submit(load, starts[n_chunk + 1]) if n_chunk + 1 < len(starts) else None
+            chunk = list(refs[start : start + batch_size])
+            good_refs, images, tensors = [], [], []
+            for ref, item in zip(chunk, decoded):
+                if isinstance(item, InputError):
+                    result.skipped.append((ref.name, str(item).removeprefix(f"{ref.name}: ")))
+                else:
+                    good_refs.append(ref)
+                    images.append(item[0])
+                    tensors.append(item[1])
+            if images:
+                # each model runs the chunk in its own forward batches (8 on the CPU: faster per image)
+                per_model = {
+                    p.name: p.predict_preprocessed(
+                        torch.stack([t[which[j]] for t in tensors]), with_cam=with_cam, batch_size=forward_batch_size
+                    )
+                    for j, p in enumerate(predictors)
+                }
+                chunk_preds = [{m: per_model[m][i] for m in names} for i in range(len(images))]
+                for ref, preds in zip(good_refs, chunk_preds):
+                    result.files.append(ref.name)
+                    result.predictions.append(preds)
+                    result.consensus.append(consensus(list(preds.values())))
+                if on_chunk is not None:
+                    on_chunk(good_refs, images, chunk_preds)
+            if progress:
+                done = min(start + batch_size, total)
+                progress(done, total, f"{done}/{total} images")
     result.seconds = time.perf_counter() - t0
     return result
 
