@@ -258,6 +258,45 @@ def test_predict_files_reports_bad_files_and_keeps_going(tmp_path: Path, predict
         collect_images([folder], limits=Limits(max_images=3))
 
 
+def test_predict_files_with_models_of_different_preprocessing_equals_per_image(tmp_path: Path, predictor: Predictor) -> None:
+    """Decoding threads preprocess once per distinct data config, the next chunk decodes while the
+    models run: the result must be what each model says about each image on its own."""
+    torch.manual_seed(1)
+    other = create_model("smallcnn", "blood-cells", pretrained=False, image_size=48)
+    other.cellhub_config["pretrained_cfg"]["mean"] = [0.5, 0.5, 0.5]
+    second = Predictor(other, name="small-48")
+    assert second.input_size == (48, 48) and second.batch_size == 8  # CPU default forward batch
+    conv_weights = [w for w in second.model.parameters() if w.ndim == 4]
+    assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images = _cells(11, size=(70, 50))
+    for i, img in enumerate(images):
+        img.save(folder / f"c{i:02d}.png")
+    refs, _ = collect_images([folder])
+    sizes: list[int] = []
+    handle = second.model.register_forward_hook(lambda _m, inp, _o: sizes.append(inp[0].shape[0]))
+    try:
+        result = predict_files([predictor, second], refs, batch_size=5, workers=3)
+    finally:
+        handle.remove()
+    assert sizes == [5, 5, 1]  # chunks of 5 decoded; each one forward of <= 8 on the CPU
+    assert result.files == [f"imgs/c{i:02d}.png" for i in range(11)]
+    for img, preds in zip(images, result.predictions):
+        for p in (predictor, second):
+            alone = p.predict([img], with_cam=False)[0]
+            assert preds[p.name].label == alone.label
+            np.testing.assert_allclose(list(preds[p.name].probs.values()), list(alone.probs.values()), atol=1e-5)
+
+
+def test_predict_preprocessed_checks_its_input(predictor: Predictor) -> None:
+    x = predictor.preprocess(_cells(2))
+    assert [p.label for p in predictor.predict_preprocessed(x, with_cam=False)] == [
+        p.label for p in predictor.predict(_cells(2), with_cam=False)]
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        predictor.predict_preprocessed(x[0], with_cam=False)
+
+
 def test_load_predictors_skips_failures_and_dedupes_names(checkpoint: Path, tmp_path: Path) -> None:
     preds, failures = load_predictors([checkpoint, tmp_path / "nope", checkpoint])
     assert [p.name for p in preds] == ["small-blood", "small-blood-2"]
