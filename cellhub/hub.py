@@ -582,7 +582,9 @@ _SPLIT_WHY = {
         "The Kaggle TRAIN crops are ~35 augmented copies (rotations, flips, shifts) of only ~276 "
         "distinct white cells, so a random image-level split puts copies of the same cell on both "
         "sides and reports near-100% accuracy that means nothing. Validation is therefore grouped by "
-        "**source cell** (the smear each crop was cut from): no cell contributes to both sides."
+        "**source cell**: each crop is matched to the smear it was cut from, and smears showing the "
+        "same microscope field are one group (one cell can appear in two consecutive frames), so no "
+        "cell contributes to both sides."
     ),
     "malaria": (
         "Cells from one patient/slide are highly correlated (same stain, same parasite strain), so "

@@ -65,7 +65,7 @@ TASKS: dict[str, Task] = {
             "NEUTROPHIL": "neutrophil",
         },
         hub_dataset="cellhub/blood-cells",
-        group_unit="source white cell (smear)",
+        group_unit="microscope field of the source white cell (smears of one field merged)",
         description="White blood cell type from a stained peripheral blood smear crop (BCCD / Kaggle).",
     ),
     "malaria": Task(
