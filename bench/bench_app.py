@@ -13,7 +13,7 @@ the cost of the web layer (upload, queue, PNG encoding of the overlays, download
 app rejects with ``gr.Error`` before any model runs.
 
 Models: ``--models DIR...`` (checkpoint folders or Hub ids), else the bundled ``checkpoints/``
-when it has any, else small *untrained* checkpoints written to a temp dir with
+when it has any (unless ``--untrained`` names architectures), else small *untrained* checkpoints written to a temp dir with
 ``cellhub.create_model`` + ``cellhub.hub.save_pretrained`` (the line says which).
 
     python bench/bench_app.py [--quick] [--models DIR ...] [--clients 8] [--requests 30]
@@ -79,7 +79,7 @@ def run(args) -> list[C.Result]:
 
     n_req = args.requests or (8 if args.quick else 40)
     per_client = args.per_client or (2 if args.quick else 6)
-    bundled = sorted(p for p in (C.REPO / "checkpoints").glob("*/config.json")) if not args.models else []
+    bundled = sorted(p for p in (C.REPO / "checkpoints").glob("*/config.json")) if not (args.models or args.untrained) else []
     with C.tempdir(args.tmp, "cellhub-bench-app-") as tmp:
         tmp = Path(tmp)
         app_args: list[str] = []
