@@ -54,6 +54,12 @@ train_blood() {
         --threads "$THREADS" --num-workers 0 --no-progress --seed 0 \
         --output-dir "$WORK/smallcnn-blood-cells"
     publish "$WORK/smallcnn-blood-cells" smallcnn-blood-cells
+    # the same at 128 px: a second, differently-sized view for the app's side-by-side consensus
+    timed smallcnn-128-blood-cells "$PY" train/finetune.py --dataset "$DATA/blood-cells" --model smallcnn --from-scratch \
+        --image-size 128 --epochs 6 --batch-size 64 --lr 3e-3 --warmup-epochs 0.5 --label-smoothing 0.1 \
+        --threads "$THREADS" --num-workers 0 --no-progress --seed 0 \
+        --output-dir "$WORK/smallcnn-128-blood-cells"
+    publish "$WORK/smallcnn-128-blood-cells" smallcnn-128-blood-cells
 }
 
 train_malaria() {
