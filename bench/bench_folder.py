@@ -6,10 +6,12 @@ TRAIN crops) -- or real images with ``--data`` -- is classified by one checkpoin
 * ``loop``     -- for each file: ``read_image(path)`` then ``Predictor.predict([img])``  (the baseline)
 * ``batched``  -- ``collect_images([folder])`` + ``predict_files([predictor], refs, batch_size=32)``,
                   which decodes each chunk of 32 in parallel threads and runs it through the model
-                  in the Predictor's forward batches (8 on the CPU, channels_last weights: what
+                  in the Predictor's forward batches (8 on the CPU; conv+BatchNorm folded,
+                  channels_last weights: what
                   ``python -m cellhub predict CKPT FOLDER`` does)
 * ``before``   -- the same ``predict_files`` call as it was before run 1's fix: the model in NCHW
-                  (contiguous) format and one forward per chunk of 32. Reported as ``before=``
+                  (contiguous) format, BatchNorm not folded into the convolutions, one forward
+                  per chunk of 32. Reported as ``before=``
                   (its img/s over the loop's); not the headline ratio. ``--no-before`` skips it.
 
 Both without CAM. ratio = images/s batched / images/s loop; target >= 2. The two arms must give
@@ -67,7 +69,8 @@ def run(args) -> list[C.Result]:
 
             torch.manual_seed(0)
             old = Predictor(create_model(model_name, "blood-cells", pretrained=False), device="cpu")
-            old.model.to(memory_format=torch.contiguous_format)  # undo the CPU default: the pre-fix path
+            torch.manual_seed(0)  # the pre-fix path: the same weights, unfused, NCHW
+            old.model = create_model(model_name, "blood-cells", pretrained=False).eval()
 
             def before() -> None:
                 res = predict_files([old], refs, batch_size=args.batch_size, workers=args.workers, with_cam=False,

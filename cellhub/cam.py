@@ -80,6 +80,17 @@ def class_activation_maps(
     Raises :class:`NotGapLinearError` if the logits are not ``linear(mean(A))`` — i.e. the head
     is not of the form that makes this exact.
     """
+    logits, feats, head = _verified_features(model, x, layer)
+    with torch.inference_mode():
+        cams = torch.einsum("kc,bchw->bkhw", head.weight.to(feats.dtype), feats)
+    return logits, cams
+
+
+def _verified_features(
+    model: nn.Module, x: torch.Tensor, layer: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
+    """One forward pass -> (logits, the CAM layer's features, the linear head), after checking
+    that logits == head(global_average_pool(features)); :class:`NotGapLinearError` otherwise."""
     head = _linear_head(model)
     if head is None:
         raise NotGapLinearError(
@@ -101,7 +112,6 @@ def class_activation_maps(
             f"CAM layer output has shape {tuple(feats.shape)}; expected (B, {head.in_features}, h, w)"
         )
     with torch.inference_mode():
-        weight = head.weight.to(feats.dtype)
         rebuilt = feats.float().mean(dim=(2, 3)) @ head.weight.float().T
         if head.bias is not None:
             rebuilt = rebuilt + head.bias.float()
@@ -110,8 +120,7 @@ def class_activation_maps(
             raise NotGapLinearError(
                 "logits are not linear(global_average_pool(features)); the exact CAM does not apply"
             )
-        cams = torch.einsum("kc,bchw->bkhw", weight, feats)
-    return logits, cams
+    return logits, feats, head
 
 
 def normalize_cams(cams: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -184,26 +193,32 @@ def gradcam(
     if method not in ("auto", "exact", "gradcam"):
         raise ValueError(f"unknown CAM method {method!r}; choose 'auto', 'exact' or 'gradcam'")
     was_training = model.training
-    model.eval()
+    # eval() / train() walk every module (~0.5 ms for a small CNN, 10% of its prediction):
+    # only when something is actually in training mode
+    switch = any(m.training for m in model.modules())
+    if switch:
+        model.eval()
     try:
         idx = _validate_classes(class_idx, x.shape[0], _num_classes(model, x))
         use_exact = method == "exact" or (method == "auto" and supports_exact_cam(model))
         if use_exact:
             try:
-                logits, cams = class_activation_maps(model, x, layer)
+                logits, feats, head = _verified_features(model, x, layer)
             except NotGapLinearError as exc:
                 if method == "exact":
                     raise
                 logger.warning("exact CAM not applicable (%s); falling back to pytorch-grad-cam", exc)
             else:
-                chosen = logits.argmax(dim=1).tolist() if idx is None else idx
-                picked = cams[torch.arange(cams.shape[0]), torch.as_tensor(chosen)]
+                chosen = logits.argmax(dim=1) if idx is None else torch.as_tensor(idx)
+                with torch.inference_mode():  # only the chosen class's map: sum_k w_ck A_k
+                    picked = torch.einsum("bc,bchw->bhw", head.weight.to(feats.dtype)[chosen.to(feats.device)], feats)
                 maps = normalize_cams(picked, tuple(x.shape[-2:]))
                 return (maps, logits) if return_logits else maps
         maps, logits = _pytorch_gradcam(model, x, idx, layer)
         return (maps, logits) if return_logits else maps
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
 
 
 def _pytorch_gradcam(

@@ -429,6 +429,51 @@ def _train_keeping_backbone_norms_frozen(self: nn.Module, mode: bool = True) -> 
     return self
 
 
+def fuse_conv_bn_for_inference(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with each BatchNorm2d that directly follows a Conv2d folded
+    into that convolution's weights (the BatchNorm becomes ``nn.Identity``).
+
+    Same outputs up to float rounding (~1e-7), and on the CPU the small CNN's forward pass is
+    ~1.5x faster (``bench/RESULTS.md``, run 2). The module tree, ``forward_features``,
+    ``get_classifier``, ``cellhub_config`` and the CAM layer are kept, so CAM works unchanged.
+    ``model`` itself is not modified; it is returned as is when there is nothing to fuse or it
+    cannot be traced with ``torch.fx``. For inference only: the copy must not be trained.
+    """
+    import copy
+
+    import torch.fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # custom forward that fx cannot trace: keep the model as it is
+        logger.debug("conv-bn fusion skipped for %s: %s", type(model).__name__, exc)
+        return model
+    modules = dict(model.named_modules())
+    pairs: list[tuple[str, str]] = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        prev = node.args[0] if node.args else None
+        if (
+            isinstance(prev, torch.fx.Node)
+            and prev.op == "call_module"
+            and isinstance(modules.get(prev.target), nn.Conv2d)
+            and len(prev.users) == 1  # the conv's raw output is used by the BatchNorm only
+        ):
+            pairs.append((str(prev.target), str(node.target)))
+    used = [name for pair in pairs for name in pair]
+    if not pairs or len(set(used)) != len(used):  # a module called twice: leave it alone
+        return model
+    fused = copy.deepcopy(model).eval()
+    for conv_name, bn_name in pairs:
+        conv, bn = fused.get_submodule(conv_name), fused.get_submodule(bn_name)
+        fused.set_submodule(conv_name, fuse_conv_bn_eval(conv, bn))
+        fused.set_submodule(bn_name, nn.Identity())
+    logger.debug("fused %d conv-BatchNorm pairs of %s for inference", len(pairs), type(model).__name__)
+    return fused
+
+
 def freeze_backbone_layers(model: nn.Module) -> nn.Module:
     """Feature-extraction mode: only ``get_classifier()`` trains.
 

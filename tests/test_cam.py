@@ -36,7 +36,8 @@ def test_exact_cam_matches_pytorch_grad_cam(name: str) -> None:
     exact = cam.normalize_cams(raw[torch.arange(4), torch.tensor(classes)], (64, 64))
     reference = cam.gradcam(model, x, classes, method="gradcam")
     assert exact.shape == reference.shape == (4, 64, 64)
-    np.testing.assert_allclose(cam.gradcam(model, x, classes, method="exact"), exact, atol=1e-6)
+    # same maps; gradcam() computes only the chosen class (another summation order: ~1e-6)
+    np.testing.assert_allclose(cam.gradcam(model, x, classes, method="exact"), exact, atol=1e-5)
     assert all(_same_map(exact[i], reference[i]) for i in range(4))
     assert sum(reference[i].max() > 0 for i in range(4)) >= 2  # real maps were compared
     predicted = cam.gradcam(model, x)  # default: each image's predicted class, exact path

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
 from cellhub.models import (
@@ -280,3 +281,33 @@ def test_train_transform_is_label_preserving_augmentation():
     plain = train_transform(m, jitter=0, hue=0)(img)
     ev = eval_transform(m)(img)
     torch.testing.assert_close(plain.flatten().sort().values, ev.flatten().sort().values)
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "resnet18", "resnet50", "vgg16"])
+def test_conv_bn_fusion_for_inference_keeps_outputs_and_leaves_the_model_alone(name: str) -> None:
+    from cellhub import cam as cam_lib
+    from cellhub.models import cam_layer, fuse_conv_bn_for_inference
+
+    torch.manual_seed(0)
+    model = create_model(name, "blood-cells", pretrained=False, image_size=64).eval()
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for m in model.modules():  # non-trivial statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    fused = fuse_conv_bn_for_inference(model)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+    if n_bn == 0:  # vgg16: nothing to fuse, the model itself comes back
+        assert fused is model
+        return
+    assert fused is not model
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 0
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # original untouched
+    assert fused.cellhub_config == model.cellhub_config
+    assert type(cam_layer(fused)) is type(cam_layer(model))
+    maps_fused = cam_lib.gradcam(fused, x, 1)
+    maps_plain = cam_lib.gradcam(model, x, 1)
+    np.testing.assert_allclose(maps_fused, maps_plain, atol=2e-3)  # maps in [0, 1]
