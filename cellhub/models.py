@@ -434,7 +434,7 @@ def fuse_conv_bn_for_inference(model: nn.Module) -> nn.Module:
     into that convolution's weights (the BatchNorm becomes ``nn.Identity``).
 
     Same outputs up to float rounding (~1e-7), and on the CPU the small CNN's forward pass is
-    ~1.5x faster (``bench/RESULTS.md``, run 2). The module tree, ``forward_features``,
+    ~1.5x faster (``bench/RESULTS.md``, run 3). The module tree, ``forward_features``,
     ``get_classifier``, ``cellhub_config`` and the CAM layer are kept, so CAM works unchanged.
     ``model`` itself is not modified; it is returned as is when there is nothing to fuse or it
     cannot be traced with ``torch.fx``. For inference only: the copy must not be trained.

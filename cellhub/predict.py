@@ -472,7 +472,7 @@ class Predictor:
 
         self.device = _resolve_device(device)
         # conv+BatchNorm folded into one conv: same outputs, ~1.5x faster small-CNN forward on the
-        # CPU (bench/RESULTS.md, run 2); a copy, so the caller's model can still be trained
+        # CPU (bench/RESULTS.md, run 3); a copy, so the caller's model can still be trained
         self.model = fuse_conv_bn_for_inference(model.to(self.device).eval())
         if self.device.type == "cpu":
             # Measured (bench/RESULTS.md, run 1): channels_last weights make CPU convolutions
