@@ -318,13 +318,11 @@ def collect_images(
 def _decode_many(
     refs: Sequence[ImageRef],
     limits: Limits,
-    workers: int | None,
-    *,
+    pool: ThreadPoolExecutor,
     transforms: Sequence[Callable[[Image.Image], torch.Tensor]] = (),
-    pool: ThreadPoolExecutor | None = None,
 ) -> list[tuple[Image.Image, list[torch.Tensor]] | InputError]:
     """Read sequentially (zip members share a file handle); decode, and apply each of
-    ``transforms`` (the models' eval preprocessing), in parallel threads.
+    ``transforms`` (the models' eval preprocessing), in ``pool``'s threads.
 
     Returns, per ref, ``(image, [transform(image) for each transform])`` or the
     :class:`InputError` that says why it was skipped.
@@ -354,17 +352,7 @@ def _decode_many(
             return exc
         return img, [t(img) for t in transforms]
 
-    pairs = list(zip(refs, blobs))
-    if pool is not None:
-        return list(pool.map(decode, pairs))
-    if workers == 1 or len(pairs) < 4:
-        return [decode(p) for p in pairs]
-    with ThreadPoolExecutor(max_workers=_decode_workers(workers)) as own_pool:
-        return list(own_pool.map(decode, pairs))
-
-
-def _decode_workers(workers: int | None) -> int:
-    return max(1, workers or min(8, (_cpu_count() or 1) + 1))
+    return list(pool.map(decode, zip(refs, blobs)))
 
 
 def _cpu_count() -> int:
@@ -773,8 +761,9 @@ def predict_files(
     """Predict every image with every model: ``batch_size`` images decoded at once, run through
     each model ``forward_batch_size`` at a time (default: each predictor's own, 8 on the CPU).
 
-    Chunks are decoded in parallel threads, then run through each model as one batch, so memory
-    stays bounded for large batches. Undecodable files are skipped and listed in
+    Chunks are decoded and preprocessed in parallel threads (``workers``; default CPUs + 1, at
+    most 8), the next chunk while the models run on this one; memory stays bounded for large
+    batches. Undecodable files are skipped and listed in
     ``result.skipped``. ``progress(done, total, message)`` is called after each chunk;
     ``on_chunk(refs, images, predictions)`` lets a caller use the decoded images (e.g. to save
     CAM overlays) before they are dropped.
@@ -795,18 +784,15 @@ def predict_files(
     transforms = [predictors[keys.index(k)].transform for k in distinct]
     which = [distinct.index(k) for k in keys]
     starts = list(range(0, total, batch_size))
-    with ThreadPoolExecutor(max_workers=_decode_workers(workers)) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
-
-        def load(start: int) -> list[tuple[Image.Image, list[torch.Tensor]] | InputError]:
-            chunk = refs[start : start + batch_size]
-            return _decode_many(chunk, limits, workers, transforms=transforms, pool=pool)
-
+    n_workers = max(1, workers or min(8, _cpu_count() + 1))
+    with ThreadPoolExecutor(max_workers=n_workers) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
         # the next chunk decodes (in the pool's threads) while the models run on this one
-        pending = ahead.submit(load, starts[0]) if starts else None
-        for n_chunk, start in enumerate(starts):
+        chunks = [list(refs[start : start + batch_size]) for start in starts]
+        pending = ahead.submit(_decode_many, chunks[0], limits, pool, transforms) if chunks else None
+        for n_chunk, (start, chunk) in enumerate(zip(starts, chunks)):
             decoded = pending.result()  # type: ignore[union-attr]
-            pending = ahead.submit(load, starts[n_chunk + 1]) if n_chunk + 1 < len(starts) else None
-            chunk = list(refs[start : start + batch_size])
+            if n_chunk + 1 < len(chunks):
+                pending = ahead.submit(_decode_many, chunks[n_chunk + 1], limits, pool, transforms)
             good_refs, images, tensors = [], [], []
             for ref, item in zip(chunk, decoded):
                 if isinstance(item, InputError):
