@@ -32,20 +32,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cellhub.predict import (  # noqa: E402
-    DEFAULT_LIMITS,
-    BatchResult,
-    Consensus,
-    InputError,
-    Limits,
-    Prediction,
-    Predictor,
-    collect_images,
-    consensus,
-    load_predictors,
-    predict_files,
-    read_image,
-)
+from cellhub.batch import BatchResult, predict_files  # noqa: E402
+from cellhub.images import DEFAULT_LIMITS, InputError, Limits, collect_images, read_image  # noqa: E402
+from cellhub.predict import Consensus, Prediction, Predictor, consensus, load_predictors  # noqa: E402
 from cellhub.tasks import TASKS  # noqa: E402
 
 logger = logging.getLogger("cellhub.app")

@@ -75,7 +75,8 @@ def run(args) -> list[C.Result]:
     from gradio_client import Client, handle_file
 
     from cellhub import synthetic
-    from cellhub.predict import load_predictors, read_image
+    from cellhub.images import read_image
+    from cellhub.predict import load_predictors
 
     n_req = args.requests or (8 if args.quick else 40)
     per_client = args.per_client or (2 if args.quick else 6)

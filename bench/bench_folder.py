@@ -35,7 +35,9 @@ def run(args) -> list[C.Result]:
     import torch
 
     from cellhub import create_model
-    from cellhub.predict import Predictor, collect_images, predict_files, read_image
+    from cellhub.batch import predict_files
+    from cellhub.images import collect_images, read_image
+    from cellhub.predict import Predictor
 
     n = args.n or (200 if args.quick else 1000)
     rounds = args.repeats or (2 if args.quick else 3)

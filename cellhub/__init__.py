@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     "load_pretrained": "hub",
     "TrainConfig": "training",
     "fit": "training",
-    "evaluate": "training",
+    "evaluate": "evaluation",
     "classification_metrics": "metrics",
     "SVMClassifier": "svm",
     "Predictor": "predict",

@@ -17,26 +17,22 @@ What it checks, and why:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
-import json
 import logging
 import os
-import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
 
-from .data import DatasetLayoutError, load_cell_dataset, split_by_group
+from .data import load_cell_dataset, split_by_group
 
-__all__ = ["audit_dataset", "format_report", "register_cli", "image_hashes"]
+__all__ = ["audit_dataset", "format_report", "image_hashes"]
 
 logger = logging.getLogger(__name__)
 
@@ -291,41 +287,3 @@ def format_report(r: dict[str, Any]) -> str:
     sec = r["seconds"]
     lines.append(f"time: {sec['total']:.1f} s (load {sec['load']:.1f} s, hashing {sec['hash']:.1f} s)")
     return "\n".join(lines)
-
-
-def _run(args: argparse.Namespace) -> int:
-    try:
-        result = audit_dataset(args.path, args.task, cache_dir=args.cache_dir, smear_dir=args.smear_dir,
-                               near_threshold=args.threshold, group_by=args.group_by,
-                               progress=not args.no_progress)
-    except (DatasetLayoutError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(result))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"JSON report written to {path}")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``audit`` to ``python -m cellhub``."""
-    p = subparsers.add_parser(
-        "audit", help="count images and groups per split, find leaks and duplicates",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="dataset folder (e.g. the unzipped Kaggle download) or Hub dataset id")
-    p.add_argument("--task", choices=["blood-cells", "malaria"], default=None,
-                   help="task (default: inferred from the class folders)")
-    p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
-    p.add_argument("--smear-dir", default=None, help="folder of full smears (default: found next to the crops)")
-    p.add_argument("--cache-dir", default=None, help="cache folder (default: $CELLHUB_CACHE or ~/.cache/cellhub)")
-    p.add_argument("--threshold", type=int, default=20,
-                   help="largest Hamming distance between 256-bit perceptual hashes counted as a "
-                        "near-duplicate (default 20)")
-    p.add_argument("--group-by", choices=["smear", "field"], default="smear",
-                   help="blood cells: group crops by source smear, or by microscope field (smears showing "
-                        "overlapping areas share a group; stricter)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run)

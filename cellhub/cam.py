@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .models import cam_layer, is_gap_linear_head
+
 __all__ = [
     "gradcam",
     "class_activation_maps",
@@ -37,12 +39,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Method = Literal["auto", "exact", "gradcam"]
-
-
-def _cam_layer(model: nn.Module) -> nn.Module:
-    from cellhub.models import cam_layer  # the model registry names the layer CAM hooks
-
-    return cam_layer(model)
 
 
 def _linear_head(model: nn.Module) -> nn.Linear | None:
@@ -58,10 +54,6 @@ def supports_exact_cam(model: nn.Module) -> bool:
     verifies the claim numerically on every call.
     """
     if _linear_head(model) is None:
-        return False
-    try:
-        from cellhub.models import is_gap_linear_head
-    except ImportError:  # pragma: no cover - registry not importable
         return False
     return bool(is_gap_linear_head(model))
 
@@ -96,7 +88,7 @@ def _verified_features(
         raise NotGapLinearError(
             f"{type(model).__name__}.get_classifier() is not an nn.Linear; use method='gradcam'."
         )
-    layer = layer if layer is not None else _cam_layer(model)
+    layer = layer if layer is not None else cam_layer(model)
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
@@ -227,7 +219,7 @@ def _pytorch_gradcam(
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer = layer if layer is not None else _cam_layer(model)
+    layer = layer if layer is not None else cam_layer(model)
     # Gradients must reach the CAM layer even when the backbone is frozen.
     inp = x.detach().clone().requires_grad_(True)
     targets = None if idx is None else [ClassifierOutputTarget(c) for c in idx]

@@ -1,4 +1,4 @@
-"""``python -m cellhub evaluate CHECKPOINT DATA`` — honest metrics for any checkpoint on any data.
+"""Honest metrics for any checkpoint on any data (``python -m cellhub evaluate CHECKPOINT DATA``).
 
 CHECKPOINT is a local folder or a Hub id (anything :func:`cellhub.hub.load_pretrained` accepts,
 including SVM baselines); DATA is anything :func:`cellhub.data.load_cell_dataset` accepts.
@@ -8,45 +8,51 @@ cells / patients), so it reflects how many independent cells the number rests on
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from datasets import Image as HFImage
 from torch import nn
+from tqdm.auto import tqdm
 
-__all__ = ["predict_dataset", "evaluate_model", "select_split", "register_cli", "run_evaluate"]
+from . import data as data_mod
+from . import transforms
+from .batch import iter_decoded
+from .data import pixels_array
+from .hub import load_pretrained
+from .images import to_rgb
+from .metrics import classification_metrics
+from .models import resolve_device
+
+__all__ = ["predict_dataset", "evaluate_model", "evaluate", "select_split", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
 
 
-class _ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, ds: Any, transform: Any) -> None:
-        self.ds = ds
-        self.column = "pixels" if "pixels" in ds.column_names else "image"
-        if self.column == "pixels":
-            self.ds = ds.with_format("numpy", columns=["pixels"])
-        self.transform = transform
+def _row_reader(dataset: Any) -> tuple[Any, Any]:
+    """``(read, decode)`` for :func:`cellhub.batch.iter_decoded` over a split's rows.
 
-    def __len__(self) -> int:
-        return len(self.ds)
+    ``pixels`` (a :func:`cellhub.data.cache_resized` split): read from one uint8 array. ``image``:
+    the undecoded rows are sliced in the read-ahead thread and decoded by the ``datasets`` feature
+    itself (so EXIF and modes are handled as ``ds[i]["image"]`` would) in the pool's threads.
+    """
+    if "pixels" in dataset.column_names:
+        pixels = pixels_array(dataset)
+        return (lambda idx: [pixels[i] for i in idx]), (lambda _i, px: px)
+    if "image" not in dataset.column_names:
+        raise ValueError(f"Need an 'image' or 'pixels' column; the split has {dataset.column_names}.")
+    feature = dataset.features["image"]
+    raw = dataset.select_columns(["image"]).cast_column("image", HFImage(decode=False))
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.ds[int(i)][self.column]
-        if hasattr(x, "convert"):
-            x = x.convert("RGB")
-        else:  # datasets hands Array3D uint8 back as int64
-            x = np.asarray(x, dtype=np.uint8)
-        return self.transform(x)
+    def read(idx: list[int]) -> list[Any]:
+        return raw[idx[0] : idx[-1] + 1]["image"]  # iter_decoded hands contiguous chunks
 
+    def decode(_i: int, row: Any) -> Any:
+        return to_rgb(feature.decode_example(row) if isinstance(row, dict) else row)
 
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return read, decode
 
 
 @torch.no_grad()
@@ -62,25 +68,23 @@ def predict_dataset(
 
     Works for every cellhub model and for :class:`cellhub.svm.SVMClassifier` (its ``forward``
     returns log-probabilities, so the softmax of the output is its probability in both cases).
-    The preprocessing is the model's own eval transform (``cellhub.transforms``).
+    The preprocessing is the model's own eval transform (``cellhub.transforms``); rows are decoded
+    and preprocessed in ``num_workers`` threads by the batch pipeline (:func:`cellhub.batch.iter_decoded`).
     """
-    from tqdm.auto import tqdm
-
-    from . import transforms
-
-    device = torch.device(device) if device is not None else _default_device()
+    device = resolve_device(device)
     tf = transforms.eval_transform(transforms.resolve_data_config(model))
-    if num_workers is None:
-        cpus = os.cpu_count() or 1
-        num_workers = 0 if cpus <= 2 else min(4, cpus - 1)
-    loader = torch.utils.data.DataLoader(_ImageDataset(dataset, tf), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    read, to_image = _row_reader(dataset)
     was_training = model.training
     model.eval().to(device)
     out = []
-    for x in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
-        logits = model(x.to(device))
+    bar = tqdm(total=len(dataset), desc="evaluating", unit="img", disable=not progress)
+    chunks = iter_decoded(range(len(dataset)), lambda i, raw: tf(to_image(i, raw)), read=read,
+                          chunk_size=batch_size, workers=num_workers)
+    for _start, _chunk, tensors in chunks:
+        logits = model(torch.stack(tensors).to(device))
         out.append(torch.softmax(logits.float(), dim=1).cpu())
+        bar.update(len(tensors))
+    bar.close()
     model.train(was_training)
     if not out:
         raise ValueError("The evaluation split is empty.")
@@ -103,8 +107,6 @@ def evaluate_model(model: nn.Module, dataset: Any, batch_size: int = 64, *, n_bo
     The split's label names must be the model's labels in the same order (both come from the
     task definition); groups come from its ``group`` column when present.
     """
-    from .metrics import classification_metrics
-
     labels = _model_labels(model)
     data_labels = list(getattr(dataset.features["label"], "names", []) or [])
     if data_labels and data_labels != labels:
@@ -114,6 +116,10 @@ def evaluate_model(model: nn.Module, dataset: Any, batch_size: int = 64, *, n_bo
     y = np.asarray(dataset["label"], dtype=np.int64)
     groups = [str(g) for g in dataset["group"]] if "group" in dataset.column_names else None
     return classification_metrics(y, probs, labels, groups=groups, n_boot=n_boot, seed=seed)
+
+
+#: ``cellhub.evaluate``: metrics of a model on one split (the same function)
+evaluate = evaluate_model
 
 
 def select_split(dsd: Any, split: str | None, source: str = "the data") -> tuple[str, Any]:
@@ -132,10 +138,7 @@ def select_split(dsd: Any, split: str | None, source: str = "the data") -> tuple
 def run_evaluate(checkpoint: str, data: str, split: str | None = None, *, batch_size: int = 64, n_boot: int = 1000,
                  seed: int = 0, cache_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint and a dataset, evaluate one split, return the metrics (plus provenance)."""
-    from . import data as data_mod
-    from . import hub
-
-    model = hub.load_pretrained(checkpoint)
+    model = load_pretrained(checkpoint)
     task = (getattr(model, "cellhub_config", None) or {}).get("task")
     dsd, report = data_mod.load_cell_dataset(data, task=task, cache_dir=cache_dir, return_report=True,
                                              progress=progress)
@@ -152,46 +155,3 @@ def run_evaluate(checkpoint: str, data: str, split: str | None = None, *, batch_
         "skipped_files": len(report.skipped),
     })
     return m
-
-
-def _cli(args: argparse.Namespace) -> int:
-    try:
-        m = run_evaluate(args.checkpoint, args.data, args.split, batch_size=args.batch_size, n_boot=args.n_boot,
-                         seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from .metrics import format_metrics_table
-
-    print(format_metrics_table(m, title=f"{m['model'] or 'model'} ({args.checkpoint}) on {args.data} [{m['split']}]"))
-    if m["skipped_files"]:
-        print(f"\nnote: {m['skipped_files']} unreadable file(s) were skipped (see the log).")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(m, indent=2))
-        print(f"\nwrote {path}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``evaluate`` subcommand to ``python -m cellhub``."""
-    p = subparsers.add_parser(
-        "evaluate",
-        help="metrics of a checkpoint on a dataset (grouped bootstrap CI)",
-        description="Evaluate CHECKPOINT (local folder or Hub id) on DATA (Kaggle folder, image folder, "
-                    "saved dataset or Hub id): accuracy with a 95% CI from a bootstrap over groups "
-                    "(cells / patients), macro-F1, per-class precision/recall/F1, confusion matrix, "
-                    "ROC AUC (two classes) and expected calibration error.",
-    )
-    p.add_argument("checkpoint", help="checkpoint folder or Hugging Face Hub model id")
-    p.add_argument("data", help="dataset: local folder, Hub dataset id or task name")
-    p.add_argument("--split", default=None, help="split to evaluate (required when DATA has several)")
-    p.add_argument("--json", default=None, metavar="OUT", help="also write the metrics as JSON to OUT")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CI (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--cache-dir", default=None, help="cache for dataset validation / smear matching")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=_cli)
-    return p

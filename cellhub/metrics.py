@@ -1,6 +1,7 @@
 """Honest classification metrics: per-class scores, calibration, grouped bootstrap CIs, plots.
 
-Every number a cellhub model reports comes from :func:`classification_metrics`. Confidence
+Every number a cellhub model reports comes from :func:`classification_metrics`. Point estimates
+(confusion matrix, precision/recall/F1, balanced accuracy, ROC AUC) are scikit-learn's; confidence
 intervals are computed by resampling *groups* (source cells for blood-cells, patients/slides
 for malaria), not images: copies of one cell are not independent evidence, so an image-level
 bootstrap would give intervals that are far too narrow.
@@ -15,6 +16,7 @@ import numpy as np
 
 __all__ = [
     "classification_metrics",
+    "macro_f1",
     "grouped_bootstrap",
     "expected_calibration_error",
     "choose_abstention_threshold",
@@ -37,10 +39,6 @@ def _as_probs(y_prob: Any, n_labels: int) -> np.ndarray:
     return p
 
 
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int, weights: np.ndarray | None = None) -> np.ndarray:
-    return np.bincount(y_true * k + y_pred, weights=weights, minlength=k * k).reshape(k, k)
-
-
 def _macro_f1_from_counts(tp: np.ndarray, n_pred: np.ndarray, n_true: np.ndarray) -> np.ndarray:
     """Macro-F1 over the classes present in truth or prediction (scikit-learn's default).
 
@@ -51,6 +49,15 @@ def _macro_f1_from_counts(tp: np.ndarray, n_pred: np.ndarray, n_true: np.ndarray
     f1 = np.where(present, 2.0 * tp / np.where(present, denom, 1.0), 0.0)
     n_present = present.sum(axis=-1)
     return np.where(n_present > 0, f1.sum(axis=-1) / np.maximum(n_present, 1), 0.0)
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Macro-F1 over the classes present in truth or prediction (scikit-learn's ``f1_score``)."""
+    from sklearn.metrics import f1_score
+
+    if len(y_true) == 0:
+        return float("nan")
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 def expected_calibration_error(y_true: Sequence[int], y_prob: Any, n_bins: int = 15) -> float:
@@ -156,27 +163,25 @@ def classification_metrics(
     if groups is not None and len(groups) != len(y):
         raise ValueError(f"groups has {len(groups)} entries but there are {len(y)} images.")
 
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
     pred = p.argmax(axis=1)
-    cm = _confusion(y, pred, k)
-    tp = np.diag(cm).astype(np.float64)
-    n_pred = cm.sum(axis=0).astype(np.float64)
-    n_true = cm.sum(axis=1).astype(np.float64)
-    precision = np.divide(tp, n_pred, out=np.zeros(k), where=n_pred > 0)
-    recall = np.divide(tp, n_true, out=np.zeros(k), where=n_true > 0)
-    f1 = np.divide(2 * tp, n_pred + n_true, out=np.zeros(k), where=(n_pred + n_true) > 0)
-    accuracy = float(tp.sum() / len(y))
-    present = n_true > 0
-    balanced = float(recall[present].mean())
-    macro_f1 = float(_macro_f1_from_counts(tp, n_pred, n_true))
+    idx = list(range(k))
+    cm = confusion_matrix(y, pred, labels=idx)
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=idx, zero_division=0)
+    accuracy = float((pred == y).mean())
+    present = support > 0
+    balanced = float(recall[present].mean())  # scikit-learn's balanced_accuracy_score, without its warning
+    macro = macro_f1(y, pred)
 
     n_groups = len(set(map(str, groups))) if groups is not None else len(y)
     out: dict[str, Any] = {
         "accuracy": accuracy,
         "balanced_accuracy": balanced,
-        "macro_f1": macro_f1,
+        "macro_f1": macro,
     }
     if k == 2:
-        out["auc"] = _binary_auc(y, p[:, 1])
+        out["auc"] = float(roc_auc_score(y, p[:, 1])) if len(set(y.tolist())) == 2 else None
     out["ece"] = expected_calibration_error(y, p)
     out["nll"] = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
     boot = grouped_bootstrap(y, pred, groups, k, n_boot=n_boot, seed=seed)
@@ -200,7 +205,7 @@ def classification_metrics(
             "precision": float(precision[i]),
             "recall": float(recall[i]),
             "f1": float(f1[i]),
-            "support": int(n_true[i]),
+            "support": int(support[i]),
         }
         for i in range(k)
     }
@@ -212,29 +217,6 @@ def classification_metrics(
             "not %d images.", n_groups, n_groups, len(y),
         )
     return out
-
-
-def _binary_auc(y: np.ndarray, score: np.ndarray) -> float | None:
-    """ROC AUC for class index 1 (Mann-Whitney, ties counted half). ``None`` if one class is absent."""
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(score, kind="mergesort")
-    s = score[order]
-    ranks = np.empty(len(s))
-    # average ranks over ties
-    i = 0
-    r = np.arange(1, len(s) + 1, dtype=np.float64)
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[i : j + 1] = r[i : j + 1].mean()
-        i = j + 1
-    rank_of = np.empty(len(s))
-    rank_of[order] = ranks
-    return float((rank_of[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def choose_abstention_threshold(

@@ -543,6 +543,13 @@ def create_model(
     return model
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: the GPU when there is one, else the CPU; anything else as given."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def data_config_from_pretrained_cfg(pcfg: dict[str, Any]) -> dict[str, Any]:
     """The preprocessing subset of a timm ``pretrained_cfg`` as JSON-friendly values."""
     return {

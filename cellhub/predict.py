@@ -4,366 +4,36 @@
   abstention threshold from the checkpoint's config, and predicts *batches* (one forward per
   batch gives the probabilities and, for GAP+linear heads, the CAMs of every class).
 * :func:`consensus` combines the predictions of several models of one task.
-* :func:`read_image` / :func:`collect_images` turn user files (images, folders, ``.zip``
-  archives) into images, with size limits, and report — rather than crash on — bad files.
-* :func:`predict_files` runs a batch end to end (parallel decoding, batched inference) and
-  ``python -m cellhub predict CHECKPOINT IMAGES_OR_FOLDER`` is its command line.
+* :func:`load_predictors` loads several checkpoints, reporting (not raising) the ones that fail.
 
-Nothing here imports gradio: ``app.py`` turns :class:`InputError` into ``gr.Error``.
+Files, folders and archives are read by :mod:`cellhub.images`; many files at once go through
+:func:`cellhub.batch.predict_files`. Nothing here imports gradio.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import json
 import logging
 import math
 import threading
 import time
-import warnings
-import zipfile
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
-from cellhub import cam as cam_lib
+from . import cam as cam_lib
+from .hub import load_pretrained
+from .images import read_image
+from .models import fuse_conv_bn_for_inference, resolve_device
+from .transforms import eval_transform, preprocess, resolve_data_config
 
-__all__ = [
-    "Prediction",
-    "Predictor",
-    "Consensus",
-    "consensus",
-    "Limits",
-    "DEFAULT_LIMITS",
-    "InputError",
-    "ImageRef",
-    "read_image",
-    "collect_images",
-    "list_zip_images",
-    "predict_files",
-    "BatchResult",
-    "class_counts",
-    "load_predictors",
-    "register_cli",
-]
+__all__ = ["Prediction", "Predictor", "Consensus", "consensus", "load_predictors", "CPU_FORWARD_BATCH"]
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-ARCHIVE_EXTENSIONS = (".zip",)
-
-ProgressFn = Callable[[int, int, str], None]
-
-
-# --------------------------------------------------------------------------------------------
-# Input: files, limits, zip archives
-# --------------------------------------------------------------------------------------------
-
-
-class InputError(ValueError):
-    """A user-supplied file cannot be used; the message says which one, why, and what to do."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Guards against oversized or malicious input (the defaults suit cell crops and smears)."""
-
-    #: width * height of one image (a 640x480 smear is 0.3 MP; 25 MP is a large micrograph)
-    max_pixels: int = 25_000_000
-    #: bytes of one image file (or one zip member, uncompressed)
-    max_image_bytes: int = 25 * 2**20
-    #: images in one batch request
-    max_images: int = 2_000
-    #: entries in one zip archive (directories included)
-    max_zip_members: int = 10_000
-    #: total uncompressed bytes read from one zip archive
-    max_zip_bytes: int = 512 * 2**20
-    #: uncompressed/compressed size above which a (large) member is treated as a zip bomb
-    max_compression_ratio: float = 100.0
-
-
-DEFAULT_LIMITS = Limits()
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """Where one image comes from: a file, or a member of a zip archive."""
-
-    name: str
-    path: Path
-    member: str | None = None
-
-    def read_bytes(self, limits: Limits = DEFAULT_LIMITS, archive: zipfile.ZipFile | None = None) -> bytes:
-        """The file's bytes, never more than ``limits.max_image_bytes`` (+1 to detect overflow)."""
-        cap = limits.max_image_bytes + 1
-        if self.member is None:
-            with open(self.path, "rb") as fh:
-                return fh.read(cap)
-        zf = archive or zipfile.ZipFile(self.path)
-        try:
-            with zf.open(self.member) as fh:  # stream: the header's size may lie
-                return fh.read(cap)
-        finally:
-            if archive is None:
-                zf.close()
-
-
-def _mb(n: float) -> str:
-    return f"{n / 2**20:.1f} MB"
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float microscopy images
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = np.nanmin(arr), np.nanmax(arr)
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def read_image(
-    source: str | Path | bytes | ImageRef, *, name: str | None = None, limits: Limits = DEFAULT_LIMITS
-) -> Image.Image:
-    """Decode one image file (path, bytes or :class:`ImageRef`) into an RGB ``PIL.Image``.
-
-    Applies EXIF orientation, flattens transparency onto white, keeps the first frame of a
-    multi-frame file. Raises :class:`InputError` naming the file for an empty, oversized,
-    unreadable, truncated or too-many-pixel image.
-    """
-    if isinstance(source, ImageRef):
-        name = name or source.name
-        try:
-            data = source.read_bytes(limits)
-        except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as exc:
-            raise InputError(f"{name}: cannot be read ({exc}).") from exc
-    elif isinstance(source, (bytes, bytearray)):
-        name = name or "image"
-        data = bytes(source[: limits.max_image_bytes + 1])
-    else:
-        path = Path(source)
-        name = name or path.name
-        if not path.is_file():
-            raise InputError(f"{name}: no such file ({path}).")
-        size = path.stat().st_size
-        if size > limits.max_image_bytes:
-            raise InputError(
-                f"{name}: the file is {_mb(size)}, over the {_mb(limits.max_image_bytes)} limit "
-                "for one image; downscale it or crop the cell."
-            )
-        data = path.read_bytes()
-    if not data:
-        raise InputError(f"{name}: the file is empty; use a PNG, JPEG, TIFF, BMP or WebP image.")
-    if len(data) > limits.max_image_bytes:
-        raise InputError(
-            f"{name}: the file is over the {_mb(limits.max_image_bytes)} limit for one image; "
-            "downscale it or crop the cell."
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > limits.max_pixels:
-                raise InputError(
-                    f"{name}: {width}x{height} pixels ({width * height / 1e6:.1f} MP) is over the "
-                    f"{limits.max_pixels / 1e6:g} MP limit; downscale it or crop the cell."
-                )
-            if width == 0 or height == 0:
-                raise InputError(f"{name}: the image has no pixels ({width}x{height}).")
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(
-            f"{name}: too many pixels ({exc}); the limit is {limits.max_pixels / 1e6:g} MP."
-        ) from exc
-    except UnidentifiedImageError as exc:
-        raise InputError(
-            f"{name}: not an image file that can be read; use a PNG, JPEG, TIFF, BMP or WebP "
-            "cell image."
-        ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated / corrupt data
-        raise InputError(f"{name}: the image is corrupt or truncated ({exc}).") from exc
-
-
-def _safe_member_name(name: str) -> str | None:
-    """The member's path if it is a plain relative path, else ``None`` (absolute / ``..``)."""
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        return None
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if any(p == ".." for p in parts):
-        return None
-    return "/".join(p for p in parts if p not in ("", "."))
-
-
-def list_zip_images(
-    path: str | Path, *, limits: Limits = DEFAULT_LIMITS, label: str | None = None
-) -> tuple[list[ImageRef], list[tuple[str, str]]]:
-    """The image members of a zip archive, and the skipped members with the reason.
-
-    Nothing is extracted to disk; members are streamed with size caps later. Skipped: unsafe
-    paths (absolute, ``..``), macOS metadata, non-image names, nested archives, encrypted
-    members, members over the size limit or with a zip-bomb compression ratio, and whatever is
-    past the archive's total-size limit. Raises :class:`InputError` for a file that is not a
-    valid zip or has too many members.
-    """
-    path = Path(path)
-    label = label or path.name
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InputError(f"{label}: not a valid zip archive ({exc}).") from exc
-    refs: list[ImageRef] = []
-    skipped: list[tuple[str, str]] = []
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > limits.max_zip_members:
-            raise InputError(
-                f"{label}: the archive has {len(infos)} entries; the limit is {limits.max_zip_members}. "
-                "Split it into smaller archives."
-            )
-        total = 0
-        for info in infos:
-            if info.is_dir():
-                continue
-            shown = f"{label}/{info.filename}"
-            clean = _safe_member_name(info.filename)
-            base = PurePosixPath(clean or info.filename).name
-            suffix = PurePosixPath(base).suffix.lower()
-            if clean is None:
-                reason = "unsafe path (absolute or '..'); not read"
-            elif clean.startswith("__MACOSX/") or base.startswith("._") or base in (".DS_Store", "Thumbs.db"):
-                reason = "operating-system metadata, not an image"
-            elif suffix in ARCHIVE_EXTENSIONS:
-                reason = "nested archive; only images directly inside the zip are read"
-            elif suffix not in IMAGE_EXTENSIONS:
-                reason = f"not an image file ({suffix or 'no extension'})"
-            elif info.flag_bits & 0x1:
-                reason = "encrypted member"
-            elif info.file_size > limits.max_image_bytes:
-                reason = f"{_mb(info.file_size)} uncompressed, over the {_mb(limits.max_image_bytes)} limit"
-            elif info.file_size > 2**20 and info.file_size > limits.max_compression_ratio * max(info.compress_size, 1):
-                reason = f"suspicious compression ratio {info.file_size / max(info.compress_size, 1):.0f}:1 (zip bomb?)"
-            elif total + info.file_size > limits.max_zip_bytes:
-                reason = f"archive total over {_mb(limits.max_zip_bytes)}; the rest was not read"
-            else:
-                total += info.file_size
-                refs.append(ImageRef(name=f"{label}/{clean}", path=path, member=info.filename))
-                continue
-            skipped.append((shown, reason))
-    return refs, skipped
-
-
-def collect_images(
-    inputs: Iterable[str | Path], *, limits: Limits = DEFAULT_LIMITS, names: Sequence[str] | None = None
-) -> tuple[list[ImageRef], list[tuple[str, str]]]:
-    """Expand files, folders (recursively) and ``.zip`` archives into image references.
-
-    ``names`` optionally gives the display name of each input (e.g. the original upload name).
-    Returns ``(refs, skipped)``; non-image files are skipped with a reason. Raises
-    :class:`InputError` when nothing was given or the total exceeds ``limits.max_images``.
-    """
-    inputs = [Path(p) for p in inputs if p not in (None, "")]
-    if not inputs:
-        raise InputError("No files were given; upload one or more cell images or a .zip of them.")
-    refs: list[ImageRef] = []
-    skipped: list[tuple[str, str]] = []
-    for i, path in enumerate(inputs):
-        label = names[i] if names is not None and i < len(names) else path.name
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if child.is_file():
-                    rel = child.relative_to(path).as_posix()
-                    if child.suffix.lower() in IMAGE_EXTENSIONS:
-                        refs.append(ImageRef(name=f"{label}/{rel}", path=child))
-                    elif not child.name.startswith("."):
-                        skipped.append((f"{label}/{rel}", f"not an image file ({child.suffix or 'no extension'})"))
-        elif not path.exists():
-            skipped.append((label, "no such file"))
-        elif path.suffix.lower() in ARCHIVE_EXTENSIONS or (
-            path.suffix.lower() not in IMAGE_EXTENSIONS and zipfile.is_zipfile(path)
-        ):
-            try:
-                more, bad = list_zip_images(path, limits=limits, label=label)
-            except InputError as exc:
-                skipped.append((label, str(exc).removeprefix(f"{label}: ")))
-                continue
-            refs += more
-            skipped += bad
-        else:  # decoding decides; a bad file is reported then
-            refs.append(ImageRef(name=label, path=path))
-        if len(refs) > limits.max_images:
-            raise InputError(
-                f"{len(refs)}+ images in one request; the limit is {limits.max_images}. "
-                "Split the batch into smaller ones."
-            )
-    return refs, skipped
-
-
-def _decode_many(
-    refs: Sequence[ImageRef],
-    limits: Limits,
-    pool: ThreadPoolExecutor,
-    transforms: Sequence[Callable[[Image.Image], torch.Tensor]] = (),
-) -> list[tuple[Image.Image, list[torch.Tensor]] | InputError]:
-    """Read sequentially (zip members share a file handle); decode, and apply each of
-    ``transforms`` (the models' eval preprocessing), in ``pool``'s threads.
-
-    Returns, per ref, ``(image, [transform(image) for each transform])`` or the
-    :class:`InputError` that says why it was skipped.
-    """
-    blobs: list[bytes | InputError] = []
-    archives: dict[Path, zipfile.ZipFile] = {}
-    try:
-        for ref in refs:
-            try:
-                zf = None
-                if ref.member is not None:
-                    zf = archives.get(ref.path) or archives.setdefault(ref.path, zipfile.ZipFile(ref.path))
-                blobs.append(ref.read_bytes(limits, archive=zf))
-            except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, KeyError) as exc:
-                blobs.append(InputError(f"{ref.name}: cannot be read ({exc})."))
-    finally:
-        for zf in archives.values():
-            zf.close()
-
-    def decode(item: tuple[ImageRef, bytes | InputError]) -> tuple[Image.Image, list[torch.Tensor]] | InputError:
-        ref, blob = item
-        if isinstance(blob, InputError):
-            return blob
-        try:
-            img = read_image(blob, name=ref.name, limits=limits)
-        except InputError as exc:
-            return exc
-        return img, [t(img) for t in transforms]
-
-    return list(pool.map(decode, zip(refs, blobs)))
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-# --------------------------------------------------------------------------------------------
-# Predictor
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -411,16 +81,10 @@ def _supports_cam(model: nn.Module) -> bool:
     if str(model.cellhub_config.get("model_name", "")).lower() == "svm":
         return False
     try:
-        cam_lib._cam_layer(model)
-    except (ValueError, ImportError, AttributeError):
+        cam_lib.cam_layer(model)
+    except (ValueError, AttributeError):
         return False
     return True
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 #: images per forward pass on the CPU (bench/RESULTS.md: 8 is the fastest per image on 2 cores)
@@ -454,11 +118,7 @@ class Predictor:
             raise TypeError(f"Predictor needs a torch nn.Module; got {type(model).__name__}.")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        from cellhub.transforms import eval_transform, resolve_data_config
-
-        from cellhub.models import fuse_conv_bn_for_inference
-
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         # conv+BatchNorm folded into one conv: same outputs, ~1.5x faster small-CNN forward on the
         # CPU (bench/RESULTS.md, run 3); a copy, so the caller's model can still be trained
         self.model = fuse_conv_bn_for_inference(model.to(self.device).eval())
@@ -490,9 +150,7 @@ class Predictor:
     @classmethod
     def from_pretrained(cls, repo_id_or_dir: str | Path, *, name: str | None = None, **kwargs: Any) -> Predictor:
         """Load a checkpoint (Hub id or local folder) with :func:`cellhub.hub.load_pretrained`."""
-        from cellhub.hub import load_pretrained
-
-        device = _resolve_device(kwargs.pop("device", "cpu"))
+        device = resolve_device(kwargs.pop("device", "cpu"))
         model = load_pretrained(str(repo_id_or_dir), device=device)
         kwargs["device"] = device
         if name is None:
@@ -511,12 +169,7 @@ class Predictor:
 
     def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         """Resize/normalise with the checkpoint's own data config -> (B, 3, H, W) float."""
-        batch = []
-        for img in images:
-            if isinstance(img, np.ndarray):
-                img = Image.fromarray(img)
-            batch.append(self.transform(_to_rgb(img)))
-        return torch.stack(batch).to(self.device)
+        return preprocess(images, self.data_config, transform=self.transform).to(self.device)
 
     def cam_box(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
         """The region (left, top, right, bottom) of an image of ``image_size`` = (W, H) that
@@ -630,7 +283,7 @@ class Predictor:
 
 
 # --------------------------------------------------------------------------------------------
-# Consensus and batch summaries
+# Consensus
 # --------------------------------------------------------------------------------------------
 
 
@@ -690,143 +343,6 @@ def consensus(predictions: Sequence[Prediction]) -> Consensus:
     return Consensus(label, agree, disagree, bool(reasons), reasons, notes, votes)
 
 
-def class_counts(labels: Iterable[str | None], label_order: Sequence[str]) -> list[tuple[str, int, float]]:
-    """``(label, count, percent)`` for every label in ``label_order`` (percent of labelled items)."""
-    counts = Counter(lab for lab in labels if lab is not None)
-    total = sum(counts.values())
-    return [(lab, counts.get(lab, 0), 100.0 * counts.get(lab, 0) / total if total else 0.0) for lab in label_order]
-
-
-@dataclass
-class BatchResult:
-    """Predictions for a batch of files from several models of one task."""
-
-    models: list[str]
-    labels: list[str]
-    files: list[str] = field(default_factory=list)
-    predictions: list[dict[str, Prediction]] = field(default_factory=list)
-    consensus: list[Consensus] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def header(self) -> list[str]:
-        cols = ["file"]
-        for m in self.models:
-            cols += [f"{m} label", f"{m} confidence"]
-        return cols + ["consensus", "agreement", "uncertain", "reasons"]
-
-    def rows(self) -> list[list[Any]]:
-        out = []
-        for name, preds, cons in zip(self.files, self.predictions, self.consensus):
-            row: list[Any] = [name]
-            for m in self.models:
-                row += [preds[m].label, round(preds[m].confidence, 4)]
-            row += [cons.label, f"{len(cons.agree)}/{len(preds)}", cons.uncertain, "; ".join(cons.reasons)]
-            out.append(row)
-        return out
-
-    def counts(self) -> list[tuple[str, int, float]]:
-        """Per-class counts of the consensus labels (all images, flagged ones included)."""
-        return class_counts((c.label for c in self.consensus), self.labels)
-
-    def write_csv(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(self.header())
-            writer.writerows(self.rows())
-        return path
-
-
-def _task_labels(predictors: Sequence[Predictor]) -> list[str]:
-    labels: list[str] = []
-    for p in predictors:
-        labels += [lab for lab in p.labels if lab not in labels]
-    return labels
-
-
-def predict_files(
-    predictors: Sequence[Predictor],
-    refs: Sequence[ImageRef],
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-    batch_size: int = 32,
-    workers: int | None = None,
-    with_cam: bool = False,
-    progress: ProgressFn | None = None,
-    on_chunk: Callable[[list[ImageRef], list[Image.Image], list[dict[str, Prediction]]], None] | None = None,
-    forward_batch_size: int | None = None,
-) -> BatchResult:
-    """Predict every image with every model: ``batch_size`` images decoded at once, run through
-    each model ``forward_batch_size`` at a time (default: each predictor's own, 8 on the CPU).
-
-    Chunks are decoded and preprocessed in parallel threads (``workers``; default CPUs + 1, at
-    most 8), the next chunk while the models run on this one; memory stays bounded for large
-    batches. Undecodable files are skipped and listed in
-    ``result.skipped``. ``progress(done, total, message)`` is called after each chunk;
-    ``on_chunk(refs, images, predictions)`` lets a caller use the decoded images (e.g. to save
-    CAM overlays) before they are dropped.
-    """
-    if not predictors:
-        raise ValueError("no models to predict with")
-    names = [p.name for p in predictors]
-    if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}")
-    result = BatchResult(models=names, labels=_task_labels(predictors))
-    t0 = time.perf_counter()
-    total = len(refs)
-    if progress:
-        progress(0, total, "decoding images")
-    # one preprocessing per distinct data config (models sharing one share the tensors)
-    keys = [json.dumps(p.data_config, sort_keys=True, default=str) for p in predictors]
-    distinct = list(dict.fromkeys(keys))
-    transforms = [predictors[keys.index(k)].transform for k in distinct]
-    which = [distinct.index(k) for k in keys]
-    starts = list(range(0, total, batch_size))
-    n_workers = max(1, workers or min(8, _cpu_count() + 1))
-    with ThreadPoolExecutor(max_workers=n_workers) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
-        # the next chunk decodes (in the pool's threads) while the models run on this one
-        chunks = [list(refs[start : start + batch_size]) for start in starts]
-        pending = ahead.submit(_decode_many, chunks[0], limits, pool, transforms) if chunks else None
-        for n_chunk, (start, chunk) in enumerate(zip(starts, chunks)):
-            decoded = pending.result()  # type: ignore[union-attr]
-            if n_chunk + 1 < len(chunks):
-                pending = ahead.submit(_decode_many, chunks[n_chunk + 1], limits, pool, transforms)
-            good_refs, images, tensors = [], [], []
-            for ref, item in zip(chunk, decoded):
-                if isinstance(item, InputError):
-                    result.skipped.append((ref.name, str(item).removeprefix(f"{ref.name}: ")))
-                else:
-                    good_refs.append(ref)
-                    images.append(item[0])
-                    tensors.append(item[1])
-            if images:
-                # each model runs the chunk in its own forward batches (8 on the CPU: faster per image)
-                per_model = {
-                    p.name: p.predict_preprocessed(
-                        torch.stack([t[which[j]] for t in tensors]), with_cam=with_cam, batch_size=forward_batch_size
-                    )
-                    for j, p in enumerate(predictors)
-                }
-                chunk_preds = [{m: per_model[m][i] for m in names} for i in range(len(images))]
-                for ref, preds in zip(good_refs, chunk_preds):
-                    result.files.append(ref.name)
-                    result.predictions.append(preds)
-                    result.consensus.append(consensus(list(preds.values())))
-                if on_chunk is not None:
-                    on_chunk(good_refs, images, chunk_preds)
-            if progress:
-                done = min(start + batch_size, total)
-                progress(done, total, f"{done}/{total} images")
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# Loading several checkpoints
-# --------------------------------------------------------------------------------------------
-
 
 def load_predictors(
     sources: Iterable[str | Path], *, device: str | None = "cpu", **kwargs: Any
@@ -855,94 +371,3 @@ def load_predictors(
         logger.info("loaded %s (task %s, labels %s, threshold %s)", pred.name, pred.task, pred.labels, pred.threshold)
         predictors.append(pred)
     return predictors, failures
-
-
-# --------------------------------------------------------------------------------------------
-# python -m cellhub predict
-# --------------------------------------------------------------------------------------------
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``python -m cellhub predict CHECKPOINT IMAGES_OR_FOLDER...``."""
-    p = subparsers.add_parser(
-        "predict",
-        help="classify images, folders or .zip archives with a checkpoint",
-        description="Classify cell images with one checkpoint (Hub id or folder), batched, with "
-        "optional Grad-CAM overlays and a CSV of the results.",
-    )
-    p.add_argument("checkpoint", help="Hub model id or local checkpoint folder")
-    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or .zip archives")
-    p.add_argument("--cam-dir", type=Path, default=None, help="write a Grad-CAM overlay PNG per image here")
-    p.add_argument("--csv", type=Path, default=None, help="write the results table to this CSV file")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="images decoded at once (default 32); each forward pass takes 8 of them on the CPU, 32 on a GPU")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default: CPUs + 1, max 8)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    p.set_defaults(func=_cli_predict)
-
-
-def _cli_predict(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        predictor = Predictor.from_pretrained(args.checkpoint, device=args.device)
-    except Exception as exc:
-        raise SystemExit(f"could not load checkpoint {args.checkpoint!r}: {exc}") from exc
-    try:
-        refs, skipped = collect_images(args.inputs)
-    except InputError as exc:
-        raise SystemExit(str(exc)) from exc
-    if args.cam_dir is not None:
-        args.cam_dir.mkdir(parents=True, exist_ok=True)
-
-    used: set[str] = set()
-
-    def save_cams(chunk_refs: list[ImageRef], images: list[Image.Image], preds: list[dict[str, Prediction]]) -> None:
-        for ref, img, pred in zip(chunk_refs, images, preds):
-            stem = ref.name.replace("/", "__").replace("\\", "__")
-            stem = Path(stem).stem or "image"
-            out, n = f"{stem}.cam.png", 2
-            while out in used:
-                out, n = f"{stem}-{n}.cam.png", n + 1
-            used.add(out)
-            predictor.overlay(img, pred[predictor.name]).save(args.cam_dir / out)
-
-    bar = tqdm(total=len(refs), unit="img", desc="predict")
-
-    def progress(done: int, total: int, _msg: str) -> None:
-        bar.update(done - bar.n)
-
-    result = predict_files(
-        [predictor],
-        refs,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        with_cam=args.cam_dir is not None,
-        progress=progress,
-        on_chunk=save_cams if args.cam_dir is not None else None,
-    )
-    bar.close()
-    result.skipped = skipped + result.skipped
-    for name, preds in zip(result.files, result.predictions):
-        pred = preds[predictor.name]
-        flag = "  UNCERTAIN (under threshold)" if pred.abstain else ""
-        print(f"{name}\t{pred.label}\t{pred.confidence:.3f}{flag}")
-    n = len(result.files)
-    print(f"\n{n} images in {result.seconds:.2f} s with {predictor.name} ({predictor.task}):")
-    for label, count, pct in result.counts():
-        print(f"  {label:<14} {count:>6}  {pct:5.1f}%")
-    if predictor.threshold is None:
-        print("  (this checkpoint has no abstention threshold: low-confidence predictions are not flagged)")
-    else:
-        flagged = sum(p[predictor.name].abstain for p in result.predictions)
-        print(f"  {flagged} under the abstention threshold {predictor.threshold:.3f} (refer for manual review)")
-    for name, reason in result.skipped:
-        logger.warning("skipped %s: %s", name, reason)
-    if args.csv is not None:
-        result.write_csv(args.csv)
-        print(f"results written to {args.csv}")
-    if args.cam_dir is not None:
-        print(f"Grad-CAM overlays written to {args.cam_dir}")
-    return 0 if n else 2

@@ -60,6 +60,9 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import cache
+from .images import IMAGE_EXTENSIONS
+
 __all__ = [
     "MatchParams",
     "match_crops_to_smears",
@@ -70,7 +73,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _CACHE_VERSION = 1
 _FLUSH_EVERY = 1000  # crops between cache writes, so an interrupted run keeps its work
 
@@ -358,24 +360,14 @@ def _build_bank(
 
 def default_cache_dir() -> Path:
     """``$CELLHUB_CACHE/smears`` if that variable is set, else ``~/.cache/cellhub/smears``."""
-    root = os.environ.get("CELLHUB_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "cellhub"
-    return base / "smears"
-
-
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+    return cache.default_cache_dir("smears")
 
 
 def _smear_set_key(paths: Sequence[Path], params: MatchParams) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"version": _CACHE_VERSION, "params": asdict(params)}, sort_keys=True).encode())
     for p in paths:
-        ident = _file_identity(p)
+        ident = cache.file_identity(p)
         h.update(f"{p.name}\0{ident}\n".encode())
     return h.hexdigest()[:20]
 
@@ -464,7 +456,7 @@ def match_crops_to_smears(
     todo: list[tuple[str, str, tuple[int, int] | None]] = []
     for crop in crops:
         key = str(Path(crop).expanduser().resolve())
-        ident = _file_identity(Path(key))
+        ident = cache.file_identity(Path(key))
         hit = entries.get(key)
         if ident is not None and isinstance(hit, dict) and (hit.get("size"), hit.get("mtime_ns")) == ident:
             result[crop] = hit.get("smear")

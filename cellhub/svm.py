@@ -21,14 +21,26 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SVMClassifier", "extract_features", "pool_features", "SVM_MODEL_TYPE"]
+from . import models, transforms
+from .cache import atomic_path, json_default, update_with_files
+
+__all__ = ["SVMClassifier", "extract_features", "pool_features", "SVM_MODEL_TYPE", "SAFE_DOWNLOAD_PATTERNS",
+           "is_svm_config"]
 
 logger = logging.getLogger(__name__)
 
 SVM_MODEL_TYPE = "cellhub-svm"
+#: what a checkpoint download may fetch (pickled weights are never downloaded, let alone loaded)
+SAFE_DOWNLOAD_PATTERNS = ("*.json", "*.safetensors", "README.md", "*.png")
 _SVM_FILE = "svm.safetensors"
 _BACKBONE_FILE = "backbone.safetensors"
 _MIN_PROB = 1e-7  # libsvm clips pairwise probabilities to [min_prob, 1 - min_prob]
+
+
+def is_svm_config(config: dict[str, Any] | None) -> bool:
+    """Whether a ``config.json`` (or a ``cellhub_config``) describes a :class:`SVMClassifier`."""
+    config = config or {}
+    return config.get("model_type") == SVM_MODEL_TYPE or (config.get("cellhub") or {}).get("model_type") == SVM_MODEL_TYPE
 
 
 # --------------------------------------------------------------------------- features
@@ -71,8 +83,6 @@ def extract_features(
     """
     from tqdm.auto import tqdm
 
-    from . import transforms
-
     cfg = transforms.resolve_data_config(backbone)
     tf = transforms.eval_transform(cfg)
     cache_file = None
@@ -114,10 +124,8 @@ def extract_features(
     if cache_file is not None:
         from safetensors.numpy import save_file
 
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        save_file({"features": feats}, str(tmp))
-        tmp.replace(cache_file)
+        with atomic_path(cache_file) as tmp:
+            save_file({"features": feats}, str(tmp))
     return feats
 
 
@@ -130,14 +138,10 @@ def _dataset_identity(ds: Any) -> str | None:
     files = getattr(ds, "cache_files", None)
     if not files:
         return getattr(ds, "_fingerprint", None)
-    h = hashlib.sha256()
-    for f in files:
-        name = f.get("filename", "")
-        try:
-            st = Path(name).stat()
-            h.update(f"{name}|{st.st_size}|{st.st_mtime_ns};".encode())
-        except OSError:
-            return getattr(ds, "_fingerprint", None)
+    try:
+        h = update_with_files(hashlib.sha256(), [f.get("filename", "") for f in files])
+    except OSError:
+        return getattr(ds, "_fingerprint", None)
     indices = getattr(ds, "_indices", None)
     if indices is not None:
         h.update(np.asarray(indices.column(0).to_numpy(), dtype=np.int64).tobytes())
@@ -327,6 +331,11 @@ class SVMClassifier(nn.Module):
         }
 
     @property
+    def n_support_vectors(self) -> int:
+        """Support vectors of the fitted SVC (all classes)."""
+        return int(self._require()["n_support"].sum())
+
+    @property
     def is_fitted(self) -> bool:
         return self._params is not None
 
@@ -439,7 +448,7 @@ class SVMClassifier(nn.Module):
                                     or self.labels),
             "cellhub": dict(self.cellhub_config),
         }
-        return json.loads(json.dumps(cfg, default=_json_default))
+        return json.loads(json.dumps(cfg, default=json_default))
 
     def save_pretrained(self, directory: str | Path, metrics: dict | None = None) -> Path:
         """Write ``svm.safetensors``, ``backbone.safetensors`` (if any) and ``config.json``."""
@@ -457,7 +466,7 @@ class SVMClassifier(nn.Module):
         cfg = self.config()
         if metrics is not None:
             cfg["cellhub"]["metrics"] = metrics
-        (d / "config.json").write_text(json.dumps(cfg, indent=2, default=_json_default))
+        (d / "config.json").write_text(json.dumps(cfg, indent=2, default=json_default))
         return d
 
     @classmethod
@@ -469,7 +478,8 @@ class SVMClassifier(nn.Module):
         if not d.is_dir():
             from huggingface_hub import snapshot_download
 
-            d = Path(snapshot_download(str(directory)))
+            # safe files only: pickles in a Hub repo are never even downloaded
+            d = Path(snapshot_download(str(directory), allow_patterns=list(SAFE_DOWNLOAD_PATTERNS)))
         cfg_path = d / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"No config.json in {d}; is this a cellhub SVM checkpoint?")
@@ -483,8 +493,6 @@ class SVMClassifier(nn.Module):
         backbone = None
         if (d / _BACKBONE_FILE).is_file():
             from safetensors.torch import load_file as load_torch
-
-            from . import models
 
             bcfg = cfg.get("cellhub", {})
             pcfg = cfg.get("pretrained_cfg") or {}
@@ -500,154 +508,3 @@ class SVMClassifier(nn.Module):
         obj.cellhub_config.update(cfg.get("cellhub", {}))
         obj._params = {k: np.asarray(v) for k, v in load_np(str(d / _SVM_FILE)).items()}
         return obj.eval()
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-# --------------------------------------------------------------------------- the baseline run
-def train_svm_baseline(
-    dataset: str,
-    *,
-    backbone: str = "resnet50",
-    pretrained: bool = True,
-    backbone_checkpoint: str | None = None,
-    task: str | None = None,
-    image_size: int | None = None,
-    C: float = 1.0,
-    kernel: str = "rbf",
-    gamma: float | str = "scale",
-    output_dir: str | Path = "runs/svm",
-    cache_dir: str | None = None,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    n_boot: int = 1000,
-    abstention_target: float = 0.99,
-    batch_size: int = 64,
-    train_eval_samples: int = 2000,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Features from a backbone + one-vs-one SVM, evaluated like every other cellhub model.
-
-    The backbone is a registered model (ImageNet weights unless ``pretrained=False``) or, with
-    ``backbone_checkpoint``, any saved cellhub model (a folder or Hub id). Validation is grouped
-    (``data.split_by_group``) when the data has none, exactly as in training. Writes the SVM
-    checkpoint (``cellhub.hub.save_pretrained``), ``metrics.json`` and ``confusion_matrix.png`` to
-    ``output_dir`` and returns the metrics (same layout as :func:`cellhub.training.fit`).
-    """
-    import time
-
-    from . import data, hub, metrics, models
-    from .training import _cache_size, _public_dataset_name, _subsample
-
-    t0 = time.time()
-    dsd, report = data.load_cell_dataset(dataset, task=task, cache_dir=cache_dir, return_report=True,
-                                         progress=progress)
-    if "train" not in dsd:
-        raise ValueError(f"{dataset!r} has no 'train' split (splits: {', '.join(dsd)}); the SVM needs one.")
-    labels = list(dsd["train"].features["label"].names)
-    notes: list[str] = []
-    splits = {k: dsd[k] for k in ("train", "validation", "test", "test_simple") if k in dsd}
-    if "validation" not in splits:
-        parts = data.split_by_group(dsd["train"], val_fraction=val_fraction, seed=seed)
-        splits["train"], splits["validation"] = parts["train"], parts["validation"]
-        notes.append(f"validation: {val_fraction:.0%} of train drawn by group (no group on both sides), seed {seed}")
-    if len(splits["validation"]) == 0:
-        raise ValueError("The validation split is empty: too few groups per class to hold any out.")
-    splits["train"] = _subsample(splits["train"], max_train_samples, seed)
-    for name in ("validation", "test", "test_simple"):
-        if name in splits:
-            splits[name] = _subsample(splits[name], max_eval_samples, seed + 1)
-    if max_train_samples or max_eval_samples:
-        notes.append(f"subsampled: max_train_samples={max_train_samples}, max_eval_samples={max_eval_samples}")
-
-    if backbone_checkpoint:
-        net = hub.load_pretrained(backbone_checkpoint)
-        if isinstance(net, SVMClassifier) or not hasattr(net, "forward_features"):
-            raise ValueError(f"{backbone_checkpoint} is not a CNN checkpoint with forward_features; "
-                             "pass a folder written by train/finetune.py.")
-        backbone_name = net.cellhub_config.get("model_name") or backbone
-        notes.append(f"backbone weights from {backbone_checkpoint}")
-    else:
-        net = models.create_model(backbone, labels, pretrained=pretrained, image_size=image_size)
-        backbone_name = backbone
-    net.eval()
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    net.to(device)
-    size = int(net.cellhub_config["pretrained_cfg"]["input_size"][-1])
-    hw = _cache_size(splits["train"], size)
-    feat_dir = Path(cache_dir) / "features" if cache_dir else None
-    feats, ys, groups = {}, {}, {}
-    for name, ds in splits.items():
-        cached = data.cache_resized(ds, hw, cache_dir, progress=progress)
-        feats[name] = extract_features(net, cached, cache_dir=feat_dir, batch_size=batch_size, device=device,
-                                       progress=progress)
-        ys[name] = np.asarray(cached["label"], dtype=np.int64)
-        groups[name] = [str(g) for g in cached["group"]]
-
-    clf = SVMClassifier(labels, backbone=net.cpu(), backbone_name=backbone_name, C=C, kernel=kernel, gamma=gamma,
-                        task=report.task, seed=seed)
-    logger.info("Fitting SVC (%s, C=%g, one-vs-one) on %d x %d features", kernel, C, *feats["train"].shape)
-    clf.fit(feats["train"], ys["train"])
-
-    results = {}
-    probs = {}
-    eval_names = [n for n in ("validation", "test", "test_simple") if n in feats] + ["train"]
-    for name in eval_names:
-        X, y, g = feats[name], ys[name], groups[name]
-        if name == "train" and len(y) > train_eval_samples:
-            idx = np.sort(np.random.default_rng(seed + 2).choice(len(y), train_eval_samples, replace=False))
-            X, y, g = X[idx], y[idx], [g[i] for i in idx]
-        probs[name] = clf.predict_proba_features(X)
-        results[name] = metrics.classification_metrics(y, probs[name], labels, groups=g, n_boot=n_boot, seed=seed)
-    abst = metrics.choose_abstention_threshold(ys["validation"], probs["validation"], target_accuracy=abstention_target)
-    ref = "test" if "test" in results else "validation"
-    summary: dict[str, Any] = dict(results[ref])
-    summary.update({
-        "split": {"name": ref, "description": "test: the dataset's own test split" if ref == "test" else
-                  "validation: grouped hold-out (no source cell / patient also in train)"},
-        "splits": results,
-        "task": report.task,
-        "model": f"svm[{backbone_name}]",
-        "pretrained": bool(net.cellhub_config.get("pretrained")),
-        "abstention": abst,
-        "train_test_gap": {"reference_split": ref, "accuracy": results["train"]["accuracy"] - results[ref]["accuracy"],
-                           "train_images_evaluated": results["train"]["n_images"]},
-        "n_train_images": int(len(ys["train"])),
-        "n_train_groups": len(set(groups["train"])),
-        "n_support_vectors": int(clf._require()["n_support"].sum()),
-        "seconds": round(time.time() - t0, 1),
-        "notes": notes,
-    })
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clf.cellhub_config["abstention_threshold"] = abst["threshold"]
-    clf.cellhub_config["abstention"] = {k: abst[k] for k in ("threshold", "target_accuracy", "coverage",
-                                                             "selective_accuracy", "met_target", "rule")}
-    clf.cellhub_config["recipe"] = {
-        "dataset": _public_dataset_name(dataset, report.source_kind), "backbone": backbone_name, "backbone_pretrained": bool(net.cellhub_config.get("pretrained")),
-        "backbone_checkpoint": backbone_checkpoint, "features": "global-average-pooled last feature map",
-        "scaler": "standardize (train mean/std)", "svm": {"C": C, "kernel": kernel, "gamma": gamma,
-                                                          "decision_function_shape": "ovo"},
-        "image_size": size, "seed": seed, "max_train_samples": max_train_samples,
-        "max_eval_samples": max_eval_samples, "validation": "grouped (no source cell / patient on both sides)",
-        "notes": notes,
-    }
-    metrics.plot_confusion(results[ref]["confusion_matrix"], labels, out / "confusion_matrix.png",
-                           title=f"SVM on {backbone_name} features - {ref} (accuracy {results[ref]['accuracy']:.3f})")
-    hub.save_pretrained(clf, out, metrics=summary)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    logger.info("SVM baseline: %s accuracy %.4f (95%% CI %s). Saved to %s", ref, results[ref]["accuracy"],
-                results[ref]["ci95"], out)
-    return summary

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from .images import to_rgb
+
 __all__ = ["eval_transform", "preprocess", "resolve_data_config", "to_pil", "train_transform"]
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ def _normalise(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def to_pil(image: Any) -> Image.Image:
     """PIL image or uint8 array (HWC, HW) -> RGB PIL image; a clear TypeError otherwise."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else to_rgb(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
@@ -160,9 +162,13 @@ def train_transform(cfg: Any, *, jitter: float = 0.1, hue: float = 0.02) -> T.Co
     return T.Compose(steps)
 
 
-def preprocess(images: Any | Iterable[Any], cfg: Any) -> torch.Tensor:
-    """One image or a list of images -> a batch tensor (B, C, H, W) with the eval transform."""
-    tf = eval_transform(cfg)
+def preprocess(images: Any | Iterable[Any], cfg: Any, *, transform: Any = None) -> torch.Tensor:
+    """One image or a list of images -> a batch tensor (B, C, H, W) with the eval transform.
+
+    ``transform``: the already built ``eval_transform(cfg)`` (a :class:`~cellhub.predict.Predictor`
+    builds it once), so it is not rebuilt on every call.
+    """
+    tf = transform if transform is not None else eval_transform(cfg)
     if isinstance(images, (Image.Image, np.ndarray)):
         images = [images]
     batch = [tf(img) for img in images]

@@ -18,7 +18,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 import app  # noqa: E402
 from cellhub import hub  # noqa: E402
 from cellhub.models import create_model  # noqa: E402
-from cellhub.predict import Limits, load_predictors  # noqa: E402
+from cellhub.images import Limits  # noqa: E402
+from cellhub.predict import load_predictors  # noqa: E402
 from cellhub.synthetic import draw_blood_cell, draw_malaria_cell  # noqa: E402
 
 BLOOD_LABELS = {"eosinophil", "lymphocyte", "monocyte", "neutrophil"}

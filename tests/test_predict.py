@@ -14,18 +14,9 @@ from PIL import Image
 from cellhub import hub
 from cellhub.__main__ import main as cellhub_main
 from cellhub.models import create_model
-from cellhub.predict import (
-    InputError,
-    Limits,
-    Prediction,
-    Predictor,
-    collect_images,
-    consensus,
-    list_zip_images,
-    load_predictors,
-    predict_files,
-    read_image,
-)
+from cellhub.batch import predict_files
+from cellhub.images import InputError, Limits, collect_images, list_zip_images, read_image
+from cellhub.predict import Prediction, Predictor, consensus, load_predictors
 from cellhub.synthetic import draw_blood_cell, draw_malaria_cell
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cellhub import training
+from cellhub.training import trainer
 from cellhub.synthetic import draw_blood_cell
 from cellhub.tasks import get_task
 from cellhub.training import CHECKPOINT_DIRNAME, TrainConfig, fit, load_training_state
@@ -78,7 +78,7 @@ def test_resume_reaches_the_same_weights(blood, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     full = fit(_cfg(blood, tmp_path / "a", cache, **kw))
 
-    real_save = training.save_training_state
+    real_save = trainer.save_training_state
 
     def save_then_die(out, **state):
         path = real_save(out, **state)
@@ -86,10 +86,10 @@ def test_resume_reaches_the_same_weights(blood, tmp_path, monkeypatch):
             raise _Interrupt("killed after epoch 2")
         return path
 
-    monkeypatch.setattr(training, "save_training_state", save_then_die)
+    monkeypatch.setattr(trainer, "save_training_state", save_then_die)
     with pytest.raises(_Interrupt):
         fit(_cfg(blood, tmp_path / "b", cache, **kw))
-    monkeypatch.setattr(training, "save_training_state", real_save)
+    monkeypatch.setattr(trainer, "save_training_state", real_save)
     assert load_training_state(tmp_path / "b")["epoch"] == 2
     assert not (tmp_path / "b" / "model.safetensors").exists()
 

@@ -23,64 +23,19 @@ from pathlib import Path
 # idle OpenMP threads sleep rather than spin (set before torch loads; see bench/RESULTS.md, finding 1)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-try:
-    import cellhub  # noqa: F401
-except ModuleNotFoundError:  # run from a source checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cellhub.models import MODEL_NAMES  # noqa: E402
-from cellhub.training import TrainConfig  # noqa: E402
+from cellhub.training import TrainConfig, add_config_arguments, config_from_namespace  # noqa: E402
 
 logger = logging.getLogger("finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The training options (one per :class:`cellhub.training.TrainConfig` field) plus publishing."""
     p = argparse.ArgumentParser(
         prog="train/finetune.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", required=True,
-                   help="task name (blood-cells, malaria: its Hub dataset), local folder (Kaggle download, "
-                        "image folder, saved dataset) or Hub dataset id")
-    d.add_argument("--task", default=None, help="blood-cells or malaria (inferred from the data when omitted)")
-    d.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of train held out, by group, when the data has no validation split")
-    d.add_argument("--max-train-samples", type=int, default=None, help="use a random subset of train (smoke runs)")
-    d.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a random subset (smoke runs)")
-    d.add_argument("--cache-dir", default=None, help="where decoded images and dataset checks are cached")
-
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="smallcnn", choices=MODEL_NAMES)
-    m.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the model's)")
-    m.add_argument("--from-scratch", action="store_true", help="random initialisation instead of ImageNet weights")
-    m.add_argument("--freeze-backbone", action="store_true", help="train only the classifier head")
-    m.add_argument("--drop-rate", type=float, default=None, help="dropout before the classifier")
-
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=10)
-    o.add_argument("--batch-size", type=int, default=32, help="per device")
-    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    o.add_argument("--weight-decay", type=float, default=0.05)
-    o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine decay")
-    o.add_argument("--label-smoothing", type=float, default=0.0)
-    o.add_argument("--select-metric", default="macro_f1", choices=("macro_f1", "accuracy", "loss"),
-                   help="grouped-validation score that picks the saved epoch")
-    o.add_argument("--abstention-target", type=float, default=0.99,
-                   help="the abstention threshold keeps validation predictions at least this accurate")
-    o.add_argument("--seed", type=int, default=0)
-
-    r = p.add_argument_group("run")
-    r.add_argument("--output-dir", default="runs/cellhub", help="checkpoint folder (created)")
-    r.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint")
-    r.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: by machine)")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
-    r.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
-                   help="auto: bf16 on CUDA, full precision on CPU")
-    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the 95%% CIs")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-
+    add_config_arguments(p)
     h = p.add_argument_group("publishing")
     h.add_argument("--push-to-hub", action="store_true", help="upload the checkpoint when training ends")
     h.add_argument("--hub-model-id", default=None, help="repo id for --push-to-hub, e.g. your-name/cellhub-resnet18")
@@ -110,16 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        dataset=args.dataset, model=args.model, task=args.task, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, image_size=args.image_size,
-        pretrained=not args.from_scratch, freeze_backbone=args.freeze_backbone, drop_rate=args.drop_rate,
-        label_smoothing=args.label_smoothing, output_dir=args.output_dir, resume=args.resume, seed=args.seed,
-        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-        val_fraction=args.val_fraction, select_metric=args.select_metric, abstention_target=args.abstention_target,
-        num_workers=args.num_workers, num_threads=args.threads, mixed_precision=args.mixed_precision,
-        cache_dir=args.cache_dir, n_boot=args.n_boot, progress=not args.no_progress,
-    )
+    return config_from_namespace(args)
 
 
 def main(argv: list[str] | None = None) -> int:

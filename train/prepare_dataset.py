@@ -24,11 +24,6 @@ from typing import Any, Sequence
 # idle OpenMP threads sleep rather than spin (set before torch loads; see bench/RESULTS.md, finding 1)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-try:
-    import cellhub  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from cellhub.data import DatasetLayoutError, LoadReport, load_cell_dataset  # noqa: E402
 from cellhub.tasks import TASK_NAMES, get_task  # noqa: E402
 

@@ -35,11 +35,6 @@ from typing import Any
 # idle OpenMP threads sleep rather than spin (set before torch loads; see bench/RESULTS.md, finding 1)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-try:
-    import cellhub  # noqa: F401
-except ModuleNotFoundError:  # run from a source checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 logger = logging.getLogger("reproduce")
 
 
@@ -130,8 +125,7 @@ def _fmt_ci(m: dict[str, Any] | None) -> str:
 def run_one(row: Row, task: str, data: Path, args: argparse.Namespace, out: Path, offline_note: str) -> dict[str, Any]:
     """Train/evaluate one configuration; never raises (a failure becomes a table entry)."""
     from cellhub.models import PretrainedWeightsUnavailable
-    from cellhub.svm import train_svm_baseline
-    from cellhub.training import TrainConfig, fit
+    from cellhub.training import TrainConfig, fit, train_svm_baseline
 
     s = dict(QUICK if args.quick else FULL)
     s.update((QUICK_OVERRIDES if args.quick else FULL_OVERRIDES).get(row.key, {}))

@@ -17,15 +17,9 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 # idle OpenMP threads sleep rather than spin (set before torch loads; see bench/RESULTS.md, finding 1)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-try:
-    import cellhub  # noqa: F401
-except ModuleNotFoundError:  # run from a source checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cellhub.models import MODEL_NAMES  # noqa: E402
 
@@ -101,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from cellhub.data import DatasetLayoutError
     from cellhub.metrics import format_metrics_table
     from cellhub.models import PretrainedWeightsUnavailable
-    from cellhub.svm import train_svm_baseline
+    from cellhub.training import train_svm_baseline
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,228 @@
+"""One batch pipeline: many files (folders, zips) -> every model's predictions and their consensus.
+
+:func:`iter_decoded` is the engine: chunks of inputs read and decoded in threads (and run through
+each model's preprocessing there), the next chunk while the caller runs the models on this one,
+so memory stays bounded however many files there are. :func:`predict_files` drives it for the
+command line and the app; :func:`cellhub.evaluation.predict_dataset` drives it for dataset rows.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from PIL import Image
+
+from .images import DEFAULT_LIMITS, ImageRef, InputError, Limits, read_image
+from .predict import Consensus, Prediction, Predictor, consensus
+
+__all__ = ["BatchResult", "class_counts", "predict_files", "iter_decoded", "cpu_count", "ProgressFn"]
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, str], None]
+T = TypeVar("T")
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def iter_decoded(
+    items: Sequence[T],
+    decode: Callable[[T, Any], Any],
+    *,
+    read: Callable[[list[T]], Sequence[Any]] | None = None,
+    chunk_size: int = 32,
+    workers: int | None = None,
+) -> Iterator[tuple[int, list[T], list[Any]]]:
+    """Yield ``(start, chunk, [decode(item, raw) for item, raw in zip(chunk, read(chunk))])``.
+
+    ``read`` runs in one read-ahead thread, a chunk at a time and in order (zip members share a
+    file handle; dataset rows are sliced at once); ``decode`` runs in a pool of ``workers``
+    threads (default CPUs + 1, at most 8; image decoding and resizing release the GIL). The next
+    chunk is read and decoded while the caller works on this one, so at most two chunks are held.
+    Without ``read``, ``raw`` is the item itself.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunks = [list(items[i : i + chunk_size]) for i in range(0, len(items), chunk_size)]
+    n_workers = max(1, workers or min(8, cpu_count() + 1))
+    with ThreadPoolExecutor(max_workers=n_workers) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
+
+        def run(chunk: list[T]) -> list[Any]:
+            raws = read(chunk) if read is not None else chunk
+            return list(pool.map(decode, chunk, raws))
+
+        pending = ahead.submit(run, chunks[0]) if chunks else None
+        for k, chunk in enumerate(chunks):
+            decoded = pending.result()  # type: ignore[union-attr]
+            if k + 1 < len(chunks):
+                pending = ahead.submit(run, chunks[k + 1])
+            yield k * chunk_size, chunk, decoded
+
+
+def _read_blobs(refs: list[ImageRef], limits: Limits) -> list[bytes | InputError]:
+    """Each file's bytes (capped by ``limits``), or the :class:`InputError` that says why not."""
+    blobs: list[bytes | InputError] = []
+    archives: dict[Path, zipfile.ZipFile] = {}
+    try:
+        for ref in refs:
+            try:
+                zf = None
+                if ref.member is not None:
+                    zf = archives.get(ref.path) or archives.setdefault(ref.path, zipfile.ZipFile(ref.path))
+                blobs.append(ref.read_bytes(limits, archive=zf))
+            except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, KeyError) as exc:
+                blobs.append(InputError(f"{ref.name}: cannot be read ({exc})."))
+    finally:
+        for zf in archives.values():
+            zf.close()
+    return blobs
+
+
+def class_counts(labels: Iterable[str | None], label_order: Sequence[str]) -> list[tuple[str, int, float]]:
+    """``(label, count, percent)`` for every label in ``label_order`` (percent of labelled items)."""
+    counts = Counter(lab for lab in labels if lab is not None)
+    total = sum(counts.values())
+    return [(lab, counts.get(lab, 0), 100.0 * counts.get(lab, 0) / total if total else 0.0) for lab in label_order]
+
+
+@dataclass
+class BatchResult:
+    """Predictions for a batch of files from several models of one task."""
+
+    models: list[str]
+    labels: list[str]
+    files: list[str] = field(default_factory=list)
+    predictions: list[dict[str, Prediction]] = field(default_factory=list)
+    consensus: list[Consensus] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def header(self) -> list[str]:
+        cols = ["file"]
+        for m in self.models:
+            cols += [f"{m} label", f"{m} confidence"]
+        return cols + ["consensus", "agreement", "uncertain", "reasons"]
+
+    def rows(self) -> list[list[Any]]:
+        out = []
+        for name, preds, cons in zip(self.files, self.predictions, self.consensus):
+            row: list[Any] = [name]
+            for m in self.models:
+                row += [preds[m].label, round(preds[m].confidence, 4)]
+            row += [cons.label, f"{len(cons.agree)}/{len(preds)}", cons.uncertain, "; ".join(cons.reasons)]
+            out.append(row)
+        return out
+
+    def counts(self) -> list[tuple[str, int, float]]:
+        """Per-class counts of the consensus labels (all images, flagged ones included)."""
+        return class_counts((c.label for c in self.consensus), self.labels)
+
+    def write_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(self.header())
+            writer.writerows(self.rows())
+        return path
+
+
+def _task_labels(predictors: Sequence[Predictor]) -> list[str]:
+    labels: list[str] = []
+    for p in predictors:
+        labels += [lab for lab in p.labels if lab not in labels]
+    return labels
+
+
+def predict_files(
+    predictors: Sequence[Predictor],
+    refs: Sequence[ImageRef],
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    batch_size: int = 32,
+    workers: int | None = None,
+    with_cam: bool = False,
+    progress: ProgressFn | None = None,
+    on_chunk: Callable[[list[ImageRef], list[Image.Image], list[dict[str, Prediction]]], None] | None = None,
+    forward_batch_size: int | None = None,
+) -> BatchResult:
+    """Predict every image with every model: ``batch_size`` images decoded at once, run through
+    each model ``forward_batch_size`` at a time (default: each predictor's own, 8 on the CPU).
+
+    Chunks are decoded and preprocessed in parallel threads by :func:`iter_decoded` (``workers``;
+    default CPUs + 1, at most 8), the next chunk while the models run on this one; memory stays
+    bounded for large batches. Undecodable files are skipped and listed in
+    ``result.skipped``. ``progress(done, total, message)`` is called after each chunk;
+    ``on_chunk(refs, images, predictions)`` lets a caller use the decoded images (e.g. to save
+    CAM overlays) before they are dropped.
+    """
+    if not predictors:
+        raise ValueError("no models to predict with")
+    names = [p.name for p in predictors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    result = BatchResult(models=names, labels=_task_labels(predictors))
+    t0 = time.perf_counter()
+    total = len(refs)
+    if progress:
+        progress(0, total, "decoding images")
+    # one preprocessing per distinct data config (models sharing one share the tensors)
+    keys = [json.dumps(p.data_config, sort_keys=True, default=str) for p in predictors]
+    distinct = list(dict.fromkeys(keys))
+    transforms = [predictors[keys.index(k)].transform for k in distinct]
+    which = [distinct.index(k) for k in keys]
+
+    def decode(ref: ImageRef, blob: bytes | InputError) -> tuple[Image.Image, list[torch.Tensor]] | InputError:
+        if isinstance(blob, InputError):
+            return blob
+        try:
+            img = read_image(blob, name=ref.name, limits=limits)
+        except InputError as exc:
+            return exc
+        return img, [t(img) for t in transforms]
+
+    chunks = iter_decoded(list(refs), decode, read=lambda chunk: _read_blobs(chunk, limits),
+                          chunk_size=batch_size, workers=workers)
+    for start, chunk, decoded in chunks:
+        good_refs, images, tensors = [], [], []
+        for ref, item in zip(chunk, decoded):
+            if isinstance(item, InputError):
+                result.skipped.append((ref.name, str(item).removeprefix(f"{ref.name}: ")))
+            else:
+                good_refs.append(ref)
+                images.append(item[0])
+                tensors.append(item[1])
+        if images:
+            # each model runs the chunk in its own forward batches (8 on the CPU: faster per image)
+            per_model = {
+                p.name: p.predict_preprocessed(
+                    torch.stack([t[which[j]] for t in tensors]), with_cam=with_cam, batch_size=forward_batch_size
+                )
+                for j, p in enumerate(predictors)
+            }
+            chunk_preds = [{m: per_model[m][i] for m in names} for i in range(len(images))]
+            for ref, preds in zip(good_refs, chunk_preds):
+                result.files.append(ref.name)
+                result.predictions.append(preds)
+                result.consensus.append(consensus(list(preds.values())))
+            if on_chunk is not None:
+                on_chunk(good_refs, images, chunk_preds)
+        if progress:
+            done = min(start + batch_size, total)
+            progress(done, total, f"{done}/{total} images")
+    result.seconds = time.perf_counter() - t0
+    return result

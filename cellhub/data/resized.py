@@ -1,0 +1,172 @@
+"""Decode once: every image of a split resized to one size, stored as uint8 pixels in an Arrow file.
+
+:func:`cache_resized` writes the file (keyed by the images' identity and the size) and memory-maps it
+on later runs; :func:`pixels_array` reads its ``pixels`` column as one uint8 array without the
+int64 widening ``datasets`` applies; :class:`ImageRowDataset` serves either column to a
+``torch`` ``DataLoader`` through a model's transform (training and evaluation alike).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from ..cache import default_cache_dir, update_with_files
+
+__all__ = ["cache_resized", "pixels_array", "ImageRowDataset"]
+
+logger = logging.getLogger(__name__)
+
+
+def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        h = w = int(size)
+    else:
+        vals = [int(v) for v in size]
+        if len(vals) != 2:
+            raise ValueError(f"size must be an int or (height, width), got {size!r}.")
+        h, w = vals
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size!r}.")
+    return h, w
+
+
+def _dataset_key(ds) -> str:
+    """A key that changes when the rows or their files change (path+size+mtime, or the fingerprint)."""
+    from datasets import Image
+
+    h = hashlib.sha1()
+    h.update(json.dumps(ds.features.to_dict(), sort_keys=True, default=str).encode())
+    if "image" in ds.column_names and isinstance(ds.features["image"], Image):
+        col = ds.select_columns(["image"]).cast_column("image", Image(decode=False)).with_format("arrow")[:]["image"]
+        col = col.combine_chunks()
+        paths = col.field("path").to_pylist()
+        if len(ds) and all(paths) and col.field("bytes").null_count == len(ds):  # images are local files
+            update_with_files(h, paths)
+            h.update(json.dumps([list(ds[c]) for c in ("label", "group") if c in ds.column_names]).encode())
+            return h.hexdigest()[:20]
+    h.update(str(ds._fingerprint).encode())
+    return h.hexdigest()[:20]
+
+
+def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | None = None, *,
+                  keep_image: bool = False, num_proc: int | None = None, progress: bool = True):
+    """Decode every image once, resized to ``size`` (int or (height, width)), as uint8 HWC ``pixels``.
+
+    The result is written to an Arrow file under ``cache_dir`` (default
+    :func:`default_cache_dir`/``resized``), keyed by the images and the size, so a second run
+    (or the next epoch, or the next training run) memory-maps it instead of decoding JPEGs.
+    ``image`` is dropped unless ``keep_image`` (keeping it would make every row decode again).
+
+    Read the arrays as uint8 with ``ds.with_format("numpy", dtype=np.uint8)`` (or
+    ``with_format("torch", dtype=torch.uint8)``): ``datasets`` widens integer arrays to int64
+    otherwise, eight times the memory. Plain ``ds[i]["pixels"]`` gives nested lists (slow).
+    """
+    from datasets import Array3D, Features, Image, disable_progress_bars, enable_progress_bars
+
+    h, w = _size_hw(size)
+    if "image" not in ds.column_names:
+        raise ValueError(f"cache_resized needs an 'image' column; the dataset has {ds.column_names}.")
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_root = cache_root / "resized"
+    cache_root.mkdir(parents=True, exist_ok=True)
+    key = _dataset_key(ds)
+    cache_file = cache_root / f"{key}-{h}x{w}.arrow"
+    feats = {k: v for k, v in ds.features.items() if keep_image or k != "image"}
+    feats["pixels"] = Array3D(shape=(h, w, 3), dtype="uint8")
+    features = Features(feats)
+
+    def _resize(batch: dict[str, list]) -> dict[str, list]:
+        out = []
+        for im in batch["image"]:
+            im = im.convert("RGB")
+            if im.size != (w, h):
+                im = im.resize((w, h), PILImage.BILINEAR, reducing_gap=3.0)
+            out.append(np.asarray(im, dtype=np.uint8))
+        return {"pixels": out}
+
+    if cache_file.exists():
+        logger.info("Using resized images cached in %s", cache_file)
+    else:
+        logger.info("Decoding %d images once at %dx%d into %s", len(ds), h, w, cache_file)
+    src = ds.cast_column("image", Image(decode=True))
+    if not progress:
+        disable_progress_bars()
+    try:
+        out = src.map(_resize, batched=True, batch_size=64, features=features, num_proc=num_proc,
+                      remove_columns=[] if keep_image else ["image"], cache_file_name=str(cache_file),
+                      load_from_cache_file=True, writer_batch_size=256, desc=f"resizing to {h}x{w}")
+    finally:
+        if not progress:
+            enable_progress_bars()
+    return out
+
+
+def pixels_array(cached: Any) -> np.ndarray:
+    """The ``pixels`` column of a :func:`cache_resized` split as one uint8 (N, H, W, 3) array,
+    read straight from Arrow (``datasets`` formats Array3D uint8 columns as int64, 8x the memory)."""
+    if getattr(cached, "_indices", None) is not None:
+        cached = cached.flatten_indices()
+    shape = tuple(cached.features["pixels"].shape)
+    try:
+        col = cached.data.column("pixels").combine_chunks()
+        vals = getattr(col, "storage", col)
+        for _ in range(len(shape)):
+            vals = vals.flatten()
+        out = vals.to_numpy(zero_copy_only=False)
+        if out.dtype == np.uint8 and out.size == len(cached) * int(np.prod(shape)):
+            return out.reshape((len(cached), *shape))
+    except Exception as exc:  # pragma: no cover - a different Arrow layout
+        logger.debug("Arrow fast path failed (%s); converting row by row.", exc)
+    return np.stack([np.asarray(r["pixels"], dtype=np.uint8) for r in cached.with_format("numpy")])
+
+
+class ImageRowDataset(torch.utils.data.Dataset):
+    """Rows of a split -> ``transform(image)`` (and the label, when ``with_labels``).
+
+    Reads the ``pixels`` column of a :func:`cache_resized` split when present (held in RAM when it
+    fits in ``max_ram_bytes``, else memory-mapped), otherwise decodes the ``image`` column.
+    """
+
+    def __init__(self, ds: Any, transform: Any, *, with_labels: bool = True,
+                 max_ram_bytes: int = 2 * 1024**3) -> None:
+        self.transform = transform
+        self.labels = np.asarray(ds["label"], dtype=np.int64) if with_labels else None
+        self.pixels: np.ndarray | None = None
+        self._rows: Any = None
+        if "pixels" in ds.column_names:
+            nbytes = len(ds) * int(np.prod(ds.features["pixels"].shape))
+            if nbytes <= max_ram_bytes:
+                self.pixels = pixels_array(ds)
+            else:
+                self._rows = ds.with_format("numpy", columns=["pixels"])
+            self._column = "pixels"
+        elif "image" in ds.column_names:
+            self._rows, self._column = ds, "image"
+        else:
+            raise ValueError(f"Need an 'image' or 'pixels' column; the split has {ds.column_names}.")
+        self._n = len(ds)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def image(self, i: int) -> Any:
+        """Row ``i`` as a uint8 HWC array or an RGB PIL image (before the transform)."""
+        if self.pixels is not None:
+            return self.pixels[i]
+        x = self._rows[int(i)][self._column]
+        if hasattr(x, "convert"):
+            return x.convert("RGB")
+        return np.asarray(x, dtype=np.uint8)  # datasets hands Array3D uint8 back as int64
+
+    def __getitem__(self, i: int) -> Any:
+        x = self.transform(self.image(i))
+        return x if self.labels is None else (x, int(self.labels[i]))

@@ -1,0 +1,191 @@
+"""What every training run shares, whatever it fits: the data in, the summary and the checkpoint out.
+
+:func:`prepare_splits` loads a source, draws a grouped validation split when it has none and
+subsamples for smoke runs; :func:`cache_size` says at which size to decode once;
+:func:`evaluate_splits` scores every split with grouped-bootstrap intervals;
+:func:`summarise` chooses the abstention threshold and lays out ``metrics.json``;
+:func:`write_checkpoint` records the abstention rule and the recipe in the model's config and
+saves it with its plots and card. :func:`cellhub.training.fit` and
+:func:`cellhub.training.train_svm_baseline` are both built on these.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import data, hub, metrics
+from ..data import LoadReport
+
+__all__ = ["PreparedData", "prepare_splits", "subsample", "cache_size", "public_dataset_name",
+           "evaluate_splits", "summarise", "write_checkpoint", "EVAL_ORDER"]
+
+logger = logging.getLogger(__name__)
+
+#: the order in which splits are evaluated and reported
+EVAL_ORDER = ("validation", "test", "test_simple", "train")
+
+
+@dataclass
+class PreparedData:
+    """The splits a run trains and evaluates on, and where they came from."""
+
+    splits: dict[str, Any]
+    report: LoadReport
+    labels: list[str]
+    task: str
+    #: True when the source had its own validation split (else it was drawn by group from train)
+    had_validation: bool
+    val_fraction: float
+    notes: list[str] = field(default_factory=list)
+
+
+def subsample(ds: Any, n: int | None, seed: int) -> Any:
+    """A seeded random subset of ``n`` rows (in their original order), or ``ds`` itself."""
+    if n is None or n >= len(ds):
+        return ds
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=n, replace=False))
+    return ds.select(idx)
+
+
+def prepare_splits(dataset: str, *, task: str | None = None, cache_dir: str | None = None,
+                   val_fraction: float = 0.2, seed: int = 0, max_train_samples: int | None = None,
+                   max_eval_samples: int | None = None, progress: bool = True,
+                   notes: Sequence[str] = ()) -> PreparedData:
+    """Load ``dataset``, make sure it has a grouped validation split, subsample; say what was done in ``notes``."""
+    dsd, report = data.load_cell_dataset(dataset, task=task, cache_dir=cache_dir, return_report=True,
+                                         progress=progress)
+    if "train" not in dsd:
+        raise ValueError(f"{dataset!r} has no 'train' split (splits: {', '.join(dsd)}); "
+                         "training needs one. Evaluate it with `python -m cellhub evaluate` instead.")
+    labels = list(dsd["train"].features["label"].names)
+    notes = list(notes)
+    had_validation = "validation" in dsd
+    dsd = data.ensure_validation(dsd, val_fraction=val_fraction, seed=seed)
+    if not had_validation:
+        notes.append(f"validation: {val_fraction:.0%} of train drawn by group (no group on both sides), seed {seed}")
+    splits = {name: dsd[name] for name in ("train", "validation", "test", "test_simple") if name in dsd}
+    if len(splits["validation"]) == 0:
+        raise ValueError("The validation split is empty: the dataset has too few groups per class to hold "
+                         "any out. Add data or pass a dataset with a validation split.")
+    splits["train"] = subsample(splits["train"], max_train_samples, seed)
+    for name in ("validation", "test", "test_simple"):
+        if name in splits:
+            splits[name] = subsample(splits[name], max_eval_samples, seed + 1)
+    if max_train_samples or max_eval_samples:
+        notes.append(f"subsampled: max_train_samples={max_train_samples}, max_eval_samples={max_eval_samples}")
+    return PreparedData(splits=splits, report=report, labels=labels, task=report.task,
+                        had_validation=had_validation, val_fraction=val_fraction, notes=notes)
+
+
+def cache_size(ds: Any, size: int) -> tuple[int, int]:
+    """The (h, w) at which to decode once so that the model's eval geometry (resize the short
+    side to ``size``, center-crop) applied to the cached pixels matches it applied to the original.
+
+    When the images share one aspect ratio (blood-cell crops are all 320x240) the short side is
+    scaled to ``size`` keeping the aspect; mixed sizes (malaria cells) are resized to a square.
+    """
+    from datasets import Image as HFImage
+    from PIL import Image
+
+    if "image" not in ds.column_names or len(ds) == 0:
+        return size, size
+    raw = ds.cast_column("image", HFImage(decode=False))
+    idx = np.linspace(0, len(ds) - 1, num=min(len(ds), 32)).astype(int)
+    shapes = set()
+    for i in idx:
+        x = raw[int(i)]["image"]
+        try:
+            with Image.open(io.BytesIO(x["bytes"]) if x.get("bytes") else x["path"]) as im:
+                shapes.add(im.size)
+        except Exception:  # unreadable header: the loader reports corrupt files; keep a square
+            return size, size
+    if len(shapes) != 1:
+        return size, size
+    w, h = shapes.pop()
+    if w == h:
+        return size, size
+    if w > h:
+        return size, int(size * w / h)
+    return int(size * h / w), size
+
+
+def public_dataset_name(dataset: str, source_kind: str) -> str:
+    """How the data is named in a published config: Hub ids and task names as given; a local
+    folder by its name and layout only (no machine-local path in a model card)."""
+    p = Path(dataset).expanduser()
+    if p.exists():
+        return f"local folder '{p.name}' ({source_kind})"
+    return dataset
+
+
+def evaluate_splits(probs: Mapping[str, tuple[np.ndarray, np.ndarray]], groups: Mapping[str, Sequence[str]],
+                    labels: Sequence[str], *, n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
+    """:func:`cellhub.metrics.classification_metrics` of every split, in :data:`EVAL_ORDER`."""
+    return {name: metrics.classification_metrics(probs[name][1], probs[name][0], list(labels), groups=groups[name],
+                                                 n_boot=n_boot, seed=seed)
+            for name in EVAL_ORDER if name in probs}
+
+
+def _split_description(ref: str, prepared: PreparedData) -> str:
+    if ref == "test":
+        return "test: the dataset's own test split"
+    drawn = "" if prepared.had_validation else f", {prepared.val_fraction:.0%} of train by group"
+    return "validation: grouped hold-out (no source cell / patient also in train)" + drawn
+
+
+def summarise(results: Mapping[str, dict[str, Any]], val_probs: tuple[np.ndarray, np.ndarray],
+              prepared: PreparedData, *, abstention_target: float, t_start: float,
+              **fields: Any) -> dict[str, Any]:
+    """``metrics.json``: the headline split's metrics at top level (``test`` if the data has one,
+    else the grouped ``validation``), every split under ``splits``, the abstention rule chosen on
+    validation, the train-test gap, ``fields`` (model, best epoch, ...) and the run's notes."""
+    abst = metrics.choose_abstention_threshold(val_probs[1], val_probs[0], target_accuracy=abstention_target)
+    ref = "test" if "test" in results else "validation"
+    train = prepared.splits["train"]
+    summary: dict[str, Any] = dict(results[ref])
+    summary.update({"split": {"name": ref, "description": _split_description(ref, prepared)},
+                    "splits": dict(results), "task": prepared.task})
+    summary.update(fields)
+    summary.update({
+        "abstention": abst,
+        "train_test_gap": {"reference_split": ref,
+                           "accuracy": results["train"]["accuracy"] - results[ref]["accuracy"],
+                           "train_images_evaluated": results["train"]["n_images"]},
+        "n_train_images": len(train),
+        "n_train_groups": len(set(map(str, train["group"]))),
+        "seconds": round(time.time() - t_start, 1),
+        "notes": list(prepared.notes),
+    })
+    return summary
+
+
+def write_checkpoint(model: Any, out_dir: str | Path, summary: dict[str, Any], recipe: dict[str, Any], *,
+                     title: str, history: list[dict[str, Any]] | None = None) -> Path:
+    """Record the abstention rule and ``recipe`` in ``model.cellhub_config``, draw the plots, save
+    the checkpoint (weights, config, ``metrics.json``, ``history.json``, model card) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    abst = summary["abstention"]
+    cc = model.cellhub_config
+    cc["abstention_threshold"] = abst["threshold"]
+    cc["abstention"] = {k: abst[k] for k in ("threshold", "target_accuracy", "coverage", "selective_accuracy",
+                                             "met_target", "rule")}
+    cc["recipe"] = recipe
+    ref = summary["split"]["name"]
+    # plots first: the model card written by save_pretrained embeds them when present
+    if history is not None:
+        metrics.plot_history(history, out / "curves.png")
+    labels = list(summary["labels"])
+    metrics.plot_confusion(summary["confusion_matrix"], labels, out / "confusion_matrix.png",
+                           title=f"{title} - {ref} (accuracy {summary['accuracy']:.3f})")
+    hub.save_pretrained(model, out, metrics=summary, history=history)
+    logger.info("%s accuracy %.4f (95%% CI %s), macro-F1 %.4f; abstain below confidence %.3f. Saved to %s",
+                ref, summary["accuracy"], summary["ci95"], summary["macro_f1"], abst["threshold"], out)
+    return out
