@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import logging
 import os
 import shutil
@@ -19,7 +20,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,251 @@ def _friendly_decode_errors(image: gr.Image) -> gr.Image:
     return image
 
 
+@dataclass
+class AppState:
+    """What the handlers share, built once per app by ``make_state``.
+
+    ``by_task`` maps a task name to its predictors (in ``TASKS`` order, other tasks after);
+    ``out_dir`` holds the CAM overlays and batch CSVs; ``last_prune`` is the
+    ``time.monotonic()`` of the last ``prune_outputs`` sweep.
+    """
+
+    by_task: dict[str, list[Predictor]]
+    out_dir: Path
+    failures: Sequence[tuple[str, str]] = ()
+    limits: Limits = DEFAULT_LIMITS
+    last_prune: float = field(default_factory=time.monotonic)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.by_task)
+
+    @property
+    def n_slots(self) -> int:
+        """Result slots on the page: one per model of the task with the most models."""
+        return max((len(v) for v in self.by_task.values()), default=1)
+
+
+def make_state(
+    models: Sequence[Predictor],
+    *,
+    failures: Sequence[tuple[str, str]] = (),
+    limits: Limits = DEFAULT_LIMITS,
+    out_dir: str | Path | None = None,
+) -> AppState:
+    """Group ``models`` by task; outputs go to ``out_dir`` (default: a fresh temporary folder,
+    deleted at exit)."""
+    by_task: dict[str, list[Predictor]] = {}
+    for p in models:
+        by_task.setdefault(_task_of(p), []).append(p)
+    order = {name: i for i, name in enumerate(TASKS)}
+    by_task = dict(sorted(by_task.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    if out_dir is None:
+        out_dir = Path(tempfile.mkdtemp(prefix="cellhub-app-"))
+        atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
+    else:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return AppState(by_task=by_task, out_dir=out_dir, failures=tuple(failures), limits=limits)
+
+
+def models_for(state: AppState, task: str | None) -> list[Predictor]:
+    """The predictors of ``task``; a ``gr.Error`` when none is loaded or the task is unknown."""
+    if not state.by_task:
+        raise gr.Error("No model is loaded; restart the app with --models or bundled checkpoints.")
+    key = (task or "").strip()
+    if key not in state.by_task:
+        raise gr.Error(f"Unknown task {task!r}: the loaded models cover {', '.join(map(repr, state.tasks))}.")
+    return state.by_task[key]
+
+
+def prune_outputs(state: AppState, max_age: float = 3600.0, every: float = 60.0) -> None:
+    """Delete overlays and CSVs older than ``max_age`` seconds (Gradio has its own copies),
+    at most once every ``every`` seconds, so a long-running server does not fill its disk."""
+    now = time.monotonic()
+    if now - state.last_prune < every:
+        return
+    state.last_prune = now
+    cutoff = time.time() - max_age
+    for f in state.out_dir.glob("*"):
+        try:
+            if f.stat().st_mtime < cutoff:
+                f.unlink()
+        except OSError:
+            pass
+
+
+def save_overlay(state: AppState, p: Predictor, img: Image.Image, pred: Prediction) -> str:
+    """The CAM overlay as a PNG under a name of its own, returned as a path.
+
+    Returning a PIL image makes Gradio write it to ``cache/<hash of its bytes>/image.png`` in
+    place, so two requests that produce the same overlay rewrite the file while the first
+    is still downloading it (truncated images under concurrent identical uploads,
+    bench/RESULTS.md finding 6). Gradio copies a returned path atomically.
+    """
+    prune_outputs(state)
+    path = state.out_dir / f"cam-{uuid.uuid4().hex}.png"
+    p.overlay(img, pred).save(path, format="PNG")
+    return str(path)
+
+
+def predict_single(state: AppState, image: str | None, task: str) -> list[Any]:
+    """``/predict``: [consensus markdown, JSON summary, then (header, probabilities, CAM path)
+    per slot], the slots beyond ``task``'s models ``None``."""
+    predictors = models_for(state, task)
+    if not image:
+        raise gr.Error("No image uploaded: drop a cell image (PNG, JPEG, TIFF, BMP or WebP) first.")
+    try:
+        img = read_image(image, name=Path(image).name, limits=state.limits)
+    except InputError as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+    preds: list[Prediction] = []
+    slots: list[Any] = []
+    for p in predictors:
+        pred = p.predict([img], with_cam=True)[0]
+        preds.append(pred)
+        slots += [model_header(p, pred), pred.probs, save_overlay(state, p, img, pred) if pred.cam is not None else None]
+    slots += [None, None, None] * (state.n_slots - len(predictors))  # hidden slots of other tasks
+    cons = consensus(preds)
+    summary = {
+        "task": task,
+        "image_size": list(img.size),
+        "consensus": cons.as_dict(),
+        "models": [pr.as_dict() for pr in preds],
+    }
+    return [consensus_markdown(cons, len(preds)), summary, *slots]
+
+
+def show_slots(state: AppState, task: str | None) -> list[Any]:
+    """Show one (header, probabilities, Grad-CAM) slot per model of ``task``; clear old results."""
+    predictors = state.by_task.get(task or "", [])
+    updates: list[Any] = [gr.update(value=None), gr.update(value=None)]
+    for i in range(state.n_slots):
+        p = predictors[i] if i < len(predictors) else None
+        name = p.name if p else ""
+        updates += [
+            gr.update(value=f"#### {name}" if p else "", visible=p is not None),
+            gr.update(value=None, label=f"{name}: probabilities", visible=p is not None),
+            gr.update(value=None, label=f"{name}: Grad-CAM of the predicted class", visible=p is not None),
+        ]
+    return updates
+
+
+def rerun_single(state: AppState, image: str | None, task: str) -> list[Any]:
+    """After a task switch: classify the image already on the page, if any."""
+    if not image:
+        return [gr.update() for _ in range(2 + 3 * state.n_slots)]
+    return predict_single(state, image, task)
+
+
+def predict_batch(
+    state: AppState, files: list[str] | str | None, task: str, progress: gr.Progress = gr.Progress()
+) -> list[Any]:
+    """``/predict_batch``: [counts markdown, per-image table, CSV path, skipped-files markdown].
+
+    ``progress`` is called as ``progress((done, total), desc=..., unit="images")``.
+    """
+    predictors = models_for(state, task)
+    if isinstance(files, (str, Path)):
+        files = [files]
+    paths = [str(getattr(f, "name", f)) for f in (files or []) if f]
+    if not paths:
+        raise gr.Error("No files uploaded: add cell images, or one .zip of them.")
+    try:
+        refs, skipped = collect_images(paths, names=[Path(p).name for p in paths], limits=state.limits)
+    except InputError as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+    if not refs:
+        raise gr.Error("No images found in the upload. " + "; ".join(f"{n}: {r}" for n, r in skipped[:5]))
+
+    def report(done: int, total: int, message: str) -> None:
+        progress((done, total), desc=message, unit="images")
+
+    result = predict_files(predictors, refs, limits=state.limits, batch_size=BATCH_SIZE, progress=report)
+    result.skipped = skipped + result.skipped
+    if not result.files:
+        raise gr.Error(
+            f"None of the {len(refs)} file(s) could be read as an image: "
+            + "; ".join(f"{n}: {r}" for n, r in result.skipped[:5])
+        )
+    prune_outputs(state)
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+    csv_path = result.write_csv(state.out_dir / f"cellhub-{task}-{stamp}.csv")
+    table = {"headers": result.header(), "data": result.rows()}
+    return [counts_markdown(result, task), table, str(csv_path), skipped_markdown(result.skipped)]
+
+
+def _bind(fn: Callable[..., Any], state: AppState) -> Callable[..., Any]:
+    """``fn`` with ``state`` bound, for Gradio. Its signature is ``fn``'s without ``state``, so
+    Gradio still finds a ``gr.Progress`` default; it keeps ``fn``'s name (Gradio names an
+    endpoint without ``api_name`` after it) and has no docstring (Gradio's API page would show
+    it as the endpoint's description)."""
+    bound = functools.partial(fn, state)
+    bound.__name__ = fn.__name__  # type: ignore[attr-defined]
+    bound.__doc__ = None
+    return bound
+
+
+def _single_tab(state: AppState) -> tuple[gr.Image, gr.Button, list[gr.components.Component]]:
+    """The "Single image" tab's contents: (image input, Classify button, outputs of ``predict_single``)."""
+    with gr.Row():
+        image = _friendly_decode_errors(
+            gr.Image(
+                type="filepath",
+                image_mode=None,  # our reader decodes (limits, EXIF, 16-bit) and reports errors
+                sources=["upload", "clipboard"],
+                label="Cell image",
+                height=320,
+                elem_id="single-image",
+            )
+        )
+        with gr.Column():
+            run = gr.Button("Classify", variant="primary", elem_id="classify")
+            gr.Markdown(
+                f"One cell crop per image (PNG, JPEG, TIFF, BMP, WebP), up to "
+                f"{state.limits.max_pixels / 1e6:g} MP and {state.limits.max_image_bytes // 2**20} MB."
+            )
+    consensus_md = gr.Markdown(elem_id="consensus")
+    slots: list[gr.components.Component] = []
+    first = state.by_task.get(state.tasks[0], []) if state.tasks else []
+    with gr.Row(equal_height=False):
+        for i in range(state.n_slots):
+            name = first[i].name if i < len(first) else ""
+            with gr.Column(min_width=220):
+                slots += [
+                    gr.Markdown(f"#### {name}" if name else "", visible=bool(name), elem_id=f"model-{i}-header"),
+                    gr.Label(
+                        num_top_classes=5, label=f"{name}: probabilities", visible=bool(name), elem_id=f"model-{i}-label"
+                    ),
+                    gr.Image(
+                        format="png",
+                        label=f"{name}: Grad-CAM of the predicted class",
+                        visible=bool(name),
+                        interactive=False,
+                        elem_id=f"model-{i}-cam",
+                    ),
+                ]
+    with gr.Accordion("Result as JSON", open=False):
+        result_json = gr.JSON(elem_id="result-json")
+    return image, run, [consensus_md, result_json, *slots]
+
+
+def _batch_tab() -> tuple[gr.File, gr.Button, list[gr.components.Component]]:
+    """The "Batch" tab's contents: (files input, Classify all button, outputs of ``predict_batch``)."""
+    files = gr.File(
+        file_count="multiple",
+        file_types=["image", ".zip"],
+        label="Cell images, or a .zip of them",
+        elem_id="batch-files",
+    )
+    run_batch = gr.Button("Classify all", variant="primary", elem_id="classify-batch")
+    batch_summary = gr.Markdown(elem_id="batch-summary")
+    batch_table = gr.Dataframe(label="Per-image results", interactive=False, wrap=True, elem_id="batch-table")
+    batch_csv = gr.File(label="Download CSV", interactive=False, elem_id="batch-csv")
+    batch_skipped = gr.Markdown(elem_id="batch-skipped")
+    return files, run_batch, [batch_summary, batch_table, batch_csv, batch_skipped]
+
+
 def build_app(
     models: Sequence[Predictor],
     *,
@@ -212,127 +459,8 @@ def build_app(
     API (``gradio_client``): ``/predict`` (image file, task name) and ``/predict_batch`` (list of
     image files or a .zip, task name).
     """
-    by_task: dict[str, list[Predictor]] = {}
-    for p in models:
-        by_task.setdefault(_task_of(p), []).append(p)
-    order = {name: i for i, name in enumerate(TASKS)}
-    by_task = dict(sorted(by_task.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-    tasks = list(by_task)
-    n_slots = max((len(v) for v in by_task.values()), default=1)
-    out_dir = Path(tempfile.mkdtemp(prefix="cellhub-app-"))
-    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
-
-    def models_for(task: str | None) -> list[Predictor]:
-        if not by_task:
-            raise gr.Error("No model is loaded; restart the app with --models or bundled checkpoints.")
-        key = (task or "").strip()
-        if key not in by_task:
-            raise gr.Error(f"Unknown task {task!r}: the loaded models cover {', '.join(map(repr, tasks))}.")
-        return by_task[key]
-
-    last_prune = [time.monotonic()]
-
-    def prune_outputs(max_age: float = 3600.0, every: float = 60.0) -> None:
-        """Delete overlays and CSVs older than ``max_age`` seconds (Gradio has its own copies),
-        at most once every ``every`` seconds, so a long-running server does not fill its disk."""
-        now = time.monotonic()
-        if now - last_prune[0] < every:
-            return
-        last_prune[0] = now
-        cutoff = time.time() - max_age
-        for f in out_dir.glob("*"):
-            try:
-                if f.stat().st_mtime < cutoff:
-                    f.unlink()
-            except OSError:
-                pass
-
-    def save_overlay(p: Predictor, img: Image.Image, pred: Prediction) -> str:
-        """The CAM overlay as a PNG under a name of its own, returned as a path.
-
-        Returning a PIL image makes Gradio write it to ``cache/<hash of its bytes>/image.png`` in
-        place, so two requests that produce the same overlay rewrite the file while the first
-        is still downloading it (truncated images under concurrent identical uploads,
-        bench/RESULTS.md finding 6). Gradio copies a returned path atomically.
-        """
-        prune_outputs()
-        path = out_dir / f"cam-{uuid.uuid4().hex}.png"
-        p.overlay(img, pred).save(path, format="PNG")
-        return str(path)
-
-    def predict_single(image: str | None, task: str) -> list[Any]:
-        predictors = models_for(task)
-        if not image:
-            raise gr.Error("No image uploaded: drop a cell image (PNG, JPEG, TIFF, BMP or WebP) first.")
-        try:
-            img = read_image(image, name=Path(image).name, limits=limits)
-        except InputError as exc:
-            raise gr.Error(str(exc), print_exception=False) from exc
-        preds: list[Prediction] = []
-        slots: list[Any] = []
-        for p in predictors:
-            pred = p.predict([img], with_cam=True)[0]
-            preds.append(pred)
-            slots += [model_header(p, pred), pred.probs, save_overlay(p, img, pred) if pred.cam is not None else None]
-        slots += [None, None, None] * (n_slots - len(predictors))  # hidden slots of other tasks
-        cons = consensus(preds)
-        summary = {
-            "task": task,
-            "image_size": list(img.size),
-            "consensus": cons.as_dict(),
-            "models": [pr.as_dict() for pr in preds],
-        }
-        return [consensus_markdown(cons, len(preds)), summary, *slots]
-
-    def show_slots(task: str | None) -> list[Any]:
-        """Show one (header, probabilities, Grad-CAM) slot per model of ``task``; clear old results."""
-        predictors = by_task.get(task or "", [])
-        updates: list[Any] = [gr.update(value=None), gr.update(value=None)]
-        for i in range(n_slots):
-            p = predictors[i] if i < len(predictors) else None
-            name = p.name if p else ""
-            updates += [
-                gr.update(value=f"#### {name}" if p else "", visible=p is not None),
-                gr.update(value=None, label=f"{name}: probabilities", visible=p is not None),
-                gr.update(value=None, label=f"{name}: Grad-CAM of the predicted class", visible=p is not None),
-            ]
-        return updates
-
-    def rerun_single(image: str | None, task: str) -> list[Any]:
-        """After a task switch: classify the image already on the page, if any."""
-        if not image:
-            return [gr.update() for _ in range(2 + 3 * n_slots)]
-        return predict_single(image, task)
-
-    def predict_batch(files: list[str] | str | None, task: str, progress: gr.Progress = gr.Progress()) -> list[Any]:
-        predictors = models_for(task)
-        if isinstance(files, (str, Path)):
-            files = [files]
-        paths = [str(getattr(f, "name", f)) for f in (files or []) if f]
-        if not paths:
-            raise gr.Error("No files uploaded: add cell images, or one .zip of them.")
-        try:
-            refs, skipped = collect_images(paths, names=[Path(p).name for p in paths], limits=limits)
-        except InputError as exc:
-            raise gr.Error(str(exc), print_exception=False) from exc
-        if not refs:
-            raise gr.Error("No images found in the upload. " + "; ".join(f"{n}: {r}" for n, r in skipped[:5]))
-
-        def report(done: int, total: int, message: str) -> None:
-            progress((done, total), desc=message, unit="images")
-
-        result = predict_files(predictors, refs, limits=limits, batch_size=BATCH_SIZE, progress=report)
-        result.skipped = skipped + result.skipped
-        if not result.files:
-            raise gr.Error(
-                f"None of the {len(refs)} file(s) could be read as an image: "
-                + "; ".join(f"{n}: {r}" for n, r in result.skipped[:5])
-            )
-        prune_outputs()
-        csv_path = result.write_csv(out_dir / f"cellhub-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.csv")
-        table = {"headers": result.header(), "data": result.rows()}
-        return [counts_markdown(result, task), table, str(csv_path), skipped_markdown(result.skipped)]
-
+    state = make_state(models, failures=failures, limits=limits)
+    by_task, tasks = state.by_task, state.tasks
     with gr.Blocks(title="cellhub — blood-smear cell classifier", delete_cache=(3600, 7200)) as demo:
         gr.Markdown(
             "# cellhub — blood-smear cell classifier\n"
@@ -349,70 +477,17 @@ def build_app(
             elem_id="task",
         )
         with gr.Tab("Single image"):
-            with gr.Row():
-                image = _friendly_decode_errors(
-                    gr.Image(
-                        type="filepath",
-                        image_mode=None,  # our reader decodes (limits, EXIF, 16-bit) and reports errors
-                        sources=["upload", "clipboard"],
-                        label="Cell image",
-                        height=320,
-                        elem_id="single-image",
-                    )
-                )
-                with gr.Column():
-                    run = gr.Button("Classify", variant="primary", elem_id="classify")
-                    gr.Markdown(
-                        f"One cell crop per image (PNG, JPEG, TIFF, BMP, WebP), up to "
-                        f"{limits.max_pixels / 1e6:g} MP and {limits.max_image_bytes // 2**20} MB."
-                    )
-            consensus_md = gr.Markdown(elem_id="consensus")
-            slots: list[gr.components.Component] = []
-            first = by_task.get(tasks[0], []) if tasks else []
-            with gr.Row(equal_height=False):
-                for i in range(n_slots):
-                    name = first[i].name if i < len(first) else ""
-                    with gr.Column(min_width=220):
-                        slots += [
-                            gr.Markdown(f"#### {name}" if name else "", visible=bool(name), elem_id=f"model-{i}-header"),
-                            gr.Label(
-                                num_top_classes=5, label=f"{name}: probabilities", visible=bool(name), elem_id=f"model-{i}-label"
-                            ),
-                            gr.Image(
-                                format="png",
-                                label=f"{name}: Grad-CAM of the predicted class",
-                                visible=bool(name),
-                                interactive=False,
-                                elem_id=f"model-{i}-cam",
-                            ),
-                        ]
-            with gr.Accordion("Result as JSON", open=False):
-                result_json = gr.JSON(elem_id="result-json")
+            image, run, single_outputs = _single_tab(state)
         with gr.Tab("Batch"):
-            files = gr.File(
-                file_count="multiple",
-                file_types=["image", ".zip"],
-                label="Cell images, or a .zip of them",
-                elem_id="batch-files",
-            )
-            run_batch = gr.Button("Classify all", variant="primary", elem_id="classify-batch")
-            batch_summary = gr.Markdown(elem_id="batch-summary")
-            batch_table = gr.Dataframe(label="Per-image results", interactive=False, wrap=True, elem_id="batch-table")
-            batch_csv = gr.File(label="Download CSV", interactive=False, elem_id="batch-csv")
-            batch_skipped = gr.Markdown(elem_id="batch-skipped")
+            files, run_batch, batch_outputs = _batch_tab()
 
-        single_outputs = [consensus_md, result_json, *slots]
-        run.click(predict_single, [image, task], single_outputs, api_name="predict")
-        image.upload(predict_single, [image, task], single_outputs, api_visibility="private")
-        task.change(show_slots, [task], single_outputs, api_visibility="private").then(
-            rerun_single, [image, task], single_outputs, api_visibility="private"
+        single = _bind(predict_single, state)
+        run.click(single, [image, task], single_outputs, api_name="predict")
+        image.upload(single, [image, task], single_outputs, api_visibility="private")
+        task.change(_bind(show_slots, state), [task], single_outputs, api_visibility="private").then(
+            _bind(rerun_single, state), [image, task], single_outputs, api_visibility="private"
         )
-        run_batch.click(
-            predict_batch,
-            [files, task],
-            [batch_summary, batch_table, batch_csv, batch_skipped],
-            api_name="predict_batch",
-        )
+        run_batch.click(_bind(predict_batch, state), [files, task], batch_outputs, api_name="predict_batch")
     demo.queue(default_concurrency_limit=max(1, concurrency), max_size=max(1, queue_size))
     return demo
 

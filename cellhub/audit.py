@@ -157,6 +157,22 @@ def audit_dataset(source: str | os.PathLike, task: str | None = None, *, cache_d
         md5s[split], phs[split] = image_hashes(dsd[split], progress=progress)
     t_hash = time.perf_counter() - t1
 
+    out.update(_duplicates(splits, md5s, phs, groups, files, near_threshold))
+
+    if "validation" not in dsd and "train" in dsd and len(dsd["train"]) > 1:
+        out["grouped_validation_check"] = _split_check(dsd["train"], phs["train"], groups["train"],
+                                                       near_threshold, val_fraction, seed)
+    out["skipped"] = [{"path": p, "reason": r} for p, r in report.skipped]
+    out["skipped_by_reason"] = dict(Counter(r.split(" (")[0] for _, r in report.skipped))
+    out["seconds"] = {"load": round(t_load, 2), "hash": round(t_hash, 2),
+                      "total": round(time.perf_counter() - t0, 2)}
+    return out
+
+
+def _duplicates(splits: list[str], md5s: dict[str, list[str]], phs: dict[str, np.ndarray],
+                groups: dict[str, np.ndarray], files: dict[str, list[str]], near_threshold: int) -> dict[str, Any]:
+    """Exact (same bytes) and near (perceptual hash) duplicates within each split and across splits."""
+    out: dict[str, Any] = {}
     exact_within = {}
     for split in splits:
         by = defaultdict(list)
@@ -192,14 +208,6 @@ def audit_dataset(source: str | os.PathLike, task: str | None = None, *, cache_d
         }
     out["exact_duplicates_across_splits"] = cross_exact
     out["near_duplicates_across_splits"] = cross_near
-
-    if "validation" not in dsd and "train" in dsd and len(dsd["train"]) > 1:
-        out["grouped_validation_check"] = _split_check(dsd["train"], phs["train"], groups["train"],
-                                                       near_threshold, val_fraction, seed)
-    out["skipped"] = [{"path": p, "reason": r} for p, r in report.skipped]
-    out["skipped_by_reason"] = dict(Counter(r.split(" (")[0] for _, r in report.skipped))
-    out["seconds"] = {"load": round(t_load, 2), "hash": round(t_hash, 2),
-                      "total": round(time.perf_counter() - t0, 2)}
     return out
 
 

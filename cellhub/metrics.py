@@ -124,6 +124,27 @@ def grouped_bootstrap(
     return {"accuracy": out_acc, "macro_f1": out_f1}
 
 
+def _bootstrap_cis(y: np.ndarray, pred: np.ndarray, groups: Sequence[Any] | None, k: int, *, n_boot: int,
+                   seed: int) -> dict[str, Any]:
+    """95% percentile intervals of accuracy and macro-F1 from :func:`grouped_bootstrap`, and how they were made."""
+    out: dict[str, Any] = {}
+    boot = grouped_bootstrap(y, pred, groups, k, n_boot=n_boot, seed=seed)
+    if len(boot["accuracy"]):
+        out["ci95"] = [float(np.percentile(boot["accuracy"], 2.5)), float(np.percentile(boot["accuracy"], 97.5))]
+        out["macro_f1_ci95"] = [
+            float(np.percentile(boot["macro_f1"], 2.5)),
+            float(np.percentile(boot["macro_f1"], 97.5)),
+        ]
+    else:
+        out["ci95"] = None
+        out["macro_f1_ci95"] = None
+    out["ci_method"] = (
+        f"percentile bootstrap over {'groups' if groups is not None else 'images'}, "
+        f"{n_boot} replicates, seed {seed}"
+    )
+    return out
+
+
 def classification_metrics(
     y_true: Sequence[int],
     y_prob: Any,
@@ -184,20 +205,7 @@ def classification_metrics(
         out["auc"] = float(roc_auc_score(y, p[:, 1])) if len(set(y.tolist())) == 2 else None
     out["ece"] = expected_calibration_error(y, p)
     out["nll"] = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
-    boot = grouped_bootstrap(y, pred, groups, k, n_boot=n_boot, seed=seed)
-    if len(boot["accuracy"]):
-        out["ci95"] = [float(np.percentile(boot["accuracy"], 2.5)), float(np.percentile(boot["accuracy"], 97.5))]
-        out["macro_f1_ci95"] = [
-            float(np.percentile(boot["macro_f1"], 2.5)),
-            float(np.percentile(boot["macro_f1"], 97.5)),
-        ]
-    else:
-        out["ci95"] = None
-        out["macro_f1_ci95"] = None
-    out["ci_method"] = (
-        f"percentile bootstrap over {'groups' if groups is not None else 'images'}, "
-        f"{n_boot} replicates, seed {seed}"
-    )
+    out.update(_bootstrap_cis(y, pred, groups, k, n_boot=n_boot, seed=seed))
     out["n_images"] = int(len(y))
     out["n_groups"] = int(n_groups)
     out["per_class"] = {

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import timm
+import timm.models
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
@@ -26,6 +28,9 @@ from .tasks import TASKS, get_task
 __all__ = [
     "MODEL_NAMES",
     "MODEL_REGISTRY",
+    "resolve_device",
+    "fuse_conv_bn_for_inference",
+    "data_config_from_pretrained_cfg",
     "ModelSpec",
     "PretrainedWeightsUnavailable",
     "SmallCNN",
@@ -237,31 +242,23 @@ class SmallCNN(
 # The small CNN is also a timm model (``cellhub_smallcnn``) once cellhub is imported, so its
 # checkpoints load with ``timm.create_model("hf-hub:org/name", pretrained=True)`` and with
 # transformers' TimmWrapper / ``pipeline("image-classification")`` as well.
-default_cfgs: dict[str, Any] = {}
-try:
-    from timm.models import build_model_with_cfg as _build_model_with_cfg
-    from timm.models import generate_default_cfgs as _generate_default_cfgs
-    from timm.models import register_model as _timm_register_model
-except ImportError:  # pragma: no cover - timm is a hard requirement, but keep SmallCNN importable
-    _timm_register_model = None
+default_cfgs: dict[str, Any] = timm.models.generate_default_cfgs({SMALLCNN_ARCHITECTURE: {
+    "url": "", "num_classes": 2, "input_size": (3, 96, 96), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+    "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", "first_conv": "stages.0.0.0",
+    "classifier": "head", "license": "mit",
+}})
 
-if _timm_register_model is not None:
-    default_cfgs = _generate_default_cfgs({SMALLCNN_ARCHITECTURE: {
-        "url": "", "num_classes": 2, "input_size": (3, 96, 96), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-        "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", "first_conv": "stages.0.0.0",
-        "classifier": "head", "license": "mit",
-    }})
 
-    @_timm_register_model
-    def cellhub_smallcnn(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
-        """timm entrypoint for :class:`SmallCNN` (labels come from ``pretrained_cfg["label_names"]``)."""
-        kwargs.pop("labels", None)
-        model = _build_model_with_cfg(SmallCNN, SMALLCNN_ARCHITECTURE, pretrained, **kwargs)
-        names = model.pretrained_cfg.get("label_names")
-        if names and len(names) == model.num_classes:
-            model.labels = [str(x) for x in names]
-        model.pretrained_cfg.setdefault("label_names", list(model.labels))
-        return model
+@timm.models.register_model
+def cellhub_smallcnn(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+    """timm entrypoint for :class:`SmallCNN` (labels come from ``pretrained_cfg["label_names"]``)."""
+    kwargs.pop("labels", None)
+    model = timm.models.build_model_with_cfg(SmallCNN, SMALLCNN_ARCHITECTURE, pretrained, **kwargs)
+    names = model.pretrained_cfg.get("label_names")
+    if names and len(names) == model.num_classes:
+        model.labels = [str(x) for x in names]
+    model.pretrained_cfg.setdefault("label_names", list(model.labels))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
