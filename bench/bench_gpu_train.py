@@ -68,7 +68,8 @@ def feed_rate(name: str, n: int = 60) -> tuple[float, int]:
     at this model's input size, and the worker count ``fit()`` would use on CUDA here."""
     import numpy as np
 
-    from cellhub import create_model, training, transforms
+    from cellhub import create_model, transforms
+    from cellhub.training import pipeline
 
     dcfg = transforms.resolve_data_config(create_model(name, "blood-cells", pretrained=False))
     size = int(dcfg["input_size"][-1])
@@ -79,7 +80,7 @@ def feed_rate(name: str, n: int = 60) -> tuple[float, int]:
     t0 = time.perf_counter()
     for _ in range(n):
         tf(px)
-    return n / (time.perf_counter() - t0), training._auto_workers(True)
+    return n / (time.perf_counter() - t0), pipeline.auto_workers(True)
 
 
 def sync(device) -> None:

@@ -4,11 +4,11 @@
 ``ImageFolder`` that decodes every JPEG every epoch. Both arms run the same training step
 (AdamW + cross-entropy, as in ``cellhub.training.fit``), the same ``train_transform`` of the
 model's data config, the same batch size and the same DataLoader worker count
-(``training._auto_workers``); only the dataset differs:
+(``training.pipeline.auto_workers``); only the dataset differs:
 
 * ``imagefolder`` -- ``torchvision.datasets.ImageFolder(root, transform=train_transform)``  (baseline)
 * ``cached``      -- ``cellhub.data.cache_resized`` (decoded once, built before timing; its build
-                     time is reported) read through ``cellhub.training._PixelDataset``, the
+                     time is reported) read through ``cellhub.data.ImageRowDataset``, the
                      dataset ``fit()`` trains on
 
 ratio = cached img/s / imagefolder img/s (median over interleaved epochs); target >= 1.5.
@@ -50,7 +50,8 @@ def train_input(args) -> C.Result:
     from datasets import ClassLabel, Dataset, Features, Image
     from torchvision.datasets import ImageFolder
 
-    from cellhub import create_model, data, training, transforms
+    from cellhub import create_model, data, transforms
+    from cellhub.training import pipeline
 
     n = args.n or (128 if args.quick else 512)
     epochs = args.epochs or (2 if args.quick else 3)
@@ -78,13 +79,13 @@ def train_input(args) -> C.Result:
             features=Features(image=Image(), label=ClassLabel(names=names)),
         )
         size = int(dcfg["input_size"][-1])
-        cache_hw = training._cache_size(hf, size)
+        cache_hw = pipeline.cache_size(hf, size)
         t0 = time.perf_counter()
         cached = data.cache_resized(hf, cache_hw, Path(tmp) / "cache", progress=False)
         cache_s = time.perf_counter() - t0
-        pixel_set = training._PixelDataset(cached, train_tf)
+        pixel_set = data.ImageRowDataset(cached, train_tf)
 
-        workers = training._auto_workers(False) if args.workers is None else args.workers
+        workers = pipeline.auto_workers(False) if args.workers is None else args.workers
         bs = args.batch_size
 
         def loader(ds):

@@ -21,6 +21,7 @@ __all__ = [
     "expected_calibration_error",
     "choose_abstention_threshold",
     "format_metrics_table",
+    "format_ci",
     "plot_history",
     "plot_confusion",
 ]
@@ -291,8 +292,11 @@ def choose_abstention_threshold(
     }
 
 
-def _fmt_ci(ci: Sequence[float] | None) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
+def format_ci(ci: Any, *, digits: int = 3, scale: float = 1.0, missing: str = "n/a") -> str:
+    """``[lo, hi]`` of a 95% interval (``scale=100, digits=1`` for percent), or ``missing``."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci):
+        return f"[{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+    return missing
 
 
 def format_metrics_table(m: dict[str, Any], title: str | None = None) -> str:
@@ -305,8 +309,8 @@ def format_metrics_table(m: dict[str, Any], title: str | None = None) -> str:
         f"images: {m['n_images']}   groups: {m['n_groups']}   "
         f"(CI: {m.get('ci_method', 'bootstrap')})"
     )
-    lines.append(f"accuracy          {m['accuracy']:.4f}   95% CI {_fmt_ci(m.get('ci95'))}")
-    lines.append(f"macro-F1          {m['macro_f1']:.4f}   95% CI {_fmt_ci(m.get('macro_f1_ci95'))}")
+    lines.append(f"accuracy          {m['accuracy']:.4f}   95% CI {format_ci(m.get('ci95'))}")
+    lines.append(f"macro-F1          {m['macro_f1']:.4f}   95% CI {format_ci(m.get('macro_f1_ci95'))}")
     if "balanced_accuracy" in m:
         lines.append(f"balanced accuracy {m['balanced_accuracy']:.4f}")
     if "auc" in m:

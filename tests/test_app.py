@@ -222,3 +222,35 @@ def test_concurrent_identical_uploads_all_get_complete_cam_images(server: tuple[
             with Image.open(path) as im:
                 im.load()  # raises on a truncated file
                 assert im.size == (96, 72)
+
+
+def test_handlers_run_without_the_ui(checkpoints: dict[str, Path], cell_png: Path, tmp_path: Path) -> None:
+    """The module-level handlers work on an ``AppState`` alone: no Blocks, no server."""
+    predictors, failures = load_predictors([str(checkpoints[n]) for n in ("small-a", "small-b", "small-malaria")])
+    assert not failures
+    state = app.make_state(predictors, limits=Limits(max_pixels=200_000), out_dir=tmp_path / "out")
+    assert list(state.by_task) == ["blood-cells", "malaria"] and state.n_slots == 2
+
+    consensus_md, summary, *slots = app.predict_single(state, str(cell_png), "blood-cells")
+    label = summary["consensus"]["label"]
+    assert label in BLOOD_LABELS and f"Consensus: **{label}**" in consensus_md
+    assert [m["model"] for m in summary["models"]] == ["small-a", "small-b"]
+    assert len(slots) == 6
+    for header, probs, cam_path in zip(*[iter(slots)] * 3):
+        assert header.startswith("#### small-") and set(probs) == BLOOD_LABELS
+        assert Path(cam_path).parent == tmp_path / "out" and Path(cam_path).is_file()
+        with Image.open(cam_path) as cam_img:
+            assert cam_img.size == (96, 72)
+
+    updates = app.show_slots(state, "malaria")
+    assert len(updates) == 2 + 3 * 2 and updates[2]["visible"] and not updates[5]["visible"]
+    with pytest.raises(gr.Error, match="Unknown task 'platelets'"):
+        app.predict_single(state, str(cell_png), "platelets")
+
+    steps: list[tuple[int, int]] = []
+    summary_md, table, csv_path, skipped_md = app.predict_batch(
+        state, [str(cell_png)], "blood-cells", progress=lambda p, desc=None, unit=None: steps.append(p)
+    )
+    assert "1 image(s)" in summary_md and [row[0] for row in table["data"]] == ["cell.png"]
+    assert Path(csv_path).parent == tmp_path / "out" and skipped_md == ""
+    assert steps and steps[-1] == (1, 1)

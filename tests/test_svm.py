@@ -138,3 +138,28 @@ def test_svm_baseline_cli_end_to_end(tmp_path, capsys):
     ev = run_evaluate(str(out), str(data), None, n_boot=50, progress=False)
     assert ev["n_images"] == m["splits"]["train"]["n_images"] + m["n_images"]
     assert ev["model"] == "svm" and 0.0 <= ev["accuracy"] <= 1.0
+
+
+def test_from_pretrained_hub_download_never_fetches_pickles(tmp_path, monkeypatch):
+    """A Hub id goes through snapshot_download with safe patterns only (the repo's pickles stay remote)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    folder = tmp_path / "saved"
+    SVMClassifier(["a", "b"]).fit(*_blobs(2)).save_pretrained(folder)
+    seen = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        seen["repo_id"], seen["allow_patterns"] = repo_id, allow_patterns
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    clf = SVMClassifier.from_pretrained("someone/svm-baseline")
+    assert seen["repo_id"] == "someone/svm-baseline" and clf.is_fitted
+    patterns = seen["allow_patterns"]
+    assert patterns, "a Hub download must name what it may fetch"
+    for name in ("pytorch_model.bin", "model.pkl", "svm.joblib", "weights.pt"):
+        assert not any(fnmatch.fnmatch(name, p) for p in patterns), name
+    for name in ("svm.safetensors", "config.json"):
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), name

@@ -35,6 +35,8 @@ from typing import Any
 # idle OpenMP threads sleep rather than spin (set before torch loads; see bench/RESULTS.md, finding 1)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from cellhub.metrics import format_ci  # noqa: E402
+
 logger = logging.getLogger("reproduce")
 
 
@@ -119,7 +121,7 @@ def _fmt_ci(m: dict[str, Any] | None) -> str:
         return "–"
     ci = m.get("ci95")
     s = _fmt_pct(m["accuracy"])
-    return f"{s} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else s
+    return f"{s} {format_ci(ci, digits=1, scale=100)}" if ci else s
 
 
 def run_one(row: Row, task: str, data: Path, args: argparse.Namespace, out: Path, offline_note: str) -> dict[str, Any]:

@@ -115,14 +115,14 @@ def pixels_array(cached: Any) -> np.ndarray:
     read straight from Arrow (``datasets`` formats Array3D uint8 columns as int64, 8x the memory)."""
     if getattr(cached, "_indices", None) is not None:
         cached = cached.flatten_indices()
-    shape = tuple(cached.features["pixels"].shape)
+    shape = tuple(getattr(cached.features["pixels"], "shape", None) or ())
     try:
         col = cached.data.column("pixels").combine_chunks()
         vals = getattr(col, "storage", col)
         for _ in range(len(shape)):
             vals = vals.flatten()
         out = vals.to_numpy(zero_copy_only=False)
-        if out.dtype == np.uint8 and out.size == len(cached) * int(np.prod(shape)):
+        if shape and out.dtype == np.uint8 and out.size == len(cached) * int(np.prod(shape)):
             return out.reshape((len(cached), *shape))
     except Exception as exc:  # pragma: no cover - a different Arrow layout
         logger.debug("Arrow fast path failed (%s); converting row by row.", exc)
@@ -143,7 +143,8 @@ class ImageRowDataset(torch.utils.data.Dataset):
         self.pixels: np.ndarray | None = None
         self._rows: Any = None
         if "pixels" in ds.column_names:
-            nbytes = len(ds) * int(np.prod(ds.features["pixels"].shape))
+            shape = getattr(ds.features["pixels"], "shape", None)  # Array3D from cache_resized; else unknown
+            nbytes = len(ds) * int(np.prod(shape)) if shape else 0
             if nbytes <= max_ram_bytes:
                 self.pixels = pixels_array(ds)
             else:

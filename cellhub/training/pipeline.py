@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import numpy as np
 from .. import data, hub, metrics
 from ..data import LoadReport
 
-__all__ = ["PreparedData", "prepare_splits", "subsample", "cache_size", "public_dataset_name",
+__all__ = ["PreparedData", "prepare_splits", "subsample", "cache_size", "auto_workers", "public_dataset_name",
            "evaluate_splits", "summarise", "write_checkpoint", "EVAL_ORDER"]
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,16 @@ def cache_size(ds: Any, size: int) -> tuple[int, int]:
     if w > h:
         return size, int(size * w / h)
     return int(size * h / w), size
+
+
+def auto_workers(on_cuda: bool) -> int:
+    """DataLoader workers for training on this machine."""
+    n = os.cpu_count() or 1
+    if on_cuda:
+        return min(8, max(1, n - 1))
+    # On a CPU-only box the model uses every core; decoding was done once, so the
+    # per-image augmentation is cheap enough to run in the main process.
+    return 0 if n <= 4 else min(4, n // 4)
 
 
 def public_dataset_name(dataset: str, source_kind: str) -> str:

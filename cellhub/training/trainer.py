@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import data, metrics, models, transforms
 from .config import TrainConfig
-from .pipeline import (EVAL_ORDER, PreparedData, cache_size, evaluate_splits, prepare_splits, public_dataset_name,
+from .pipeline import (EVAL_ORDER, PreparedData, auto_workers, cache_size, evaluate_splits, prepare_splits, public_dataset_name,
                        summarise, write_checkpoint)
 from .state import (CHECKPOINT_DIRNAME, load_training_state, restore_rng_state, save_training_state, state_dict_cpu,
                     unflatten_optimizer)
@@ -75,15 +74,6 @@ class _Run:
     groups: dict[str, list[str]]
     image_size: int
     n_workers: int
-
-
-def _auto_workers(on_cuda: bool) -> int:
-    n = os.cpu_count() or 1
-    if on_cuda:
-        return min(8, max(1, n - 1))
-    # On a CPU-only box the model uses every core; decoding was done once, so the
-    # per-image augmentation is cheap enough to run in the main process.
-    return 0 if n <= 4 else min(4, n // 4)
 
 
 def _score(m: dict[str, float], metric: str) -> float:
@@ -196,7 +186,7 @@ def _setup(cfg: TrainConfig) -> _Run:
                   for name, ds in prepared.splits.items()}
     groups = {name: [str(g) for g in ds["group"]] for name, ds in prepared.splits.items()}
     train_set = data.ImageRowDataset(cached["train"], transforms.train_transform(dcfg))
-    n_workers = _auto_workers(on_cuda) if cfg.num_workers is None else int(cfg.num_workers)
+    n_workers = auto_workers(on_cuda) if cfg.num_workers is None else int(cfg.num_workers)
     loader_kw = dict(num_workers=n_workers, pin_memory=on_cuda, persistent_workers=False)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size,
                                                sampler=_EpochSampler(len(train_set), cfg.seed),
