@@ -12,27 +12,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-from tqdm.auto import tqdm
-
-from . import audit as audit_lib
-from .audit import audit_dataset, format_report
-from .batch import predict_files
-from .data import DatasetLayoutError
-from .evaluation import run_evaluate
-from .images import ImageRef, InputError, collect_images
-from .metrics import format_metrics_table
-from .predict import Prediction, Predictor
-
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("cellhub")
 
-audit_doc = audit_lib.__doc__
 
+def _write_json(path: str | Path, data: Any) -> Path:
+    """``--json OUT``: the result as indented JSON (the folder is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+# Each handler imports what it runs, so `python -m cellhub --help` and every command start without
+# loading the libraries of the others (torch, timm, datasets are seconds to import).
 
 # ---------------------------------------------------------------------------------- audit
+
 def _audit(args: argparse.Namespace) -> int:
+    from .audit import audit_dataset, format_report
+    from .data import DatasetLayoutError
+
     try:
         result = audit_dataset(args.path, args.task, cache_dir=args.cache_dir, smear_dir=args.smear_dir,
                                near_threshold=args.threshold, group_by=args.group_by,
@@ -42,17 +43,16 @@ def _audit(args: argparse.Namespace) -> int:
         return 2
     print(format_report(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"JSON report written to {path}")
+        print(f"JSON report written to {_write_json(args.json, result)}")
     return 0
 
 
 def _add_audit(subparsers: Any) -> None:
+    from . import audit  # light (numpy, PIL): its docstring is the command's description
+
     p = subparsers.add_parser(
         "audit", help="count images and groups per split, find leaks and duplicates",
-        description=audit_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=audit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="dataset folder (e.g. the unzipped Kaggle download) or Hub dataset id")
     p.add_argument("--task", choices=["blood-cells", "malaria"], default=None,
                    help="task (default: inferred from the class folders)")
@@ -71,6 +71,9 @@ def _add_audit(subparsers: Any) -> None:
 
 # ------------------------------------------------------------------------------- evaluate
 def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import run_evaluate
+    from .metrics import format_metrics_table
+
     try:
         m = run_evaluate(args.checkpoint, args.data, args.split, batch_size=args.batch_size, n_boot=args.n_boot,
                          seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress)
@@ -81,10 +84,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if m["skipped_files"]:
         print(f"\nnote: {m['skipped_files']} unreadable file(s) were skipped (see the log).")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(m, indent=2))
-        print(f"\nwrote {path}")
+        print(f"\nwrote {_write_json(args.json, m)}")
     return 0
 
 
@@ -129,6 +129,13 @@ def _add_predict(subparsers: Any) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .batch import predict_files
+    from .images import ImageRef, InputError, collect_images
+    from .predict import Prediction, Predictor
+
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     try:

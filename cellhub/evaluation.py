@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Image as HFImage
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,6 +42,8 @@ def _row_reader(dataset: Any) -> tuple[Any, Any]:
         return (lambda idx: [pixels[i] for i in idx]), (lambda _i, px: px)
     if "image" not in dataset.column_names:
         raise ValueError(f"Need an 'image' or 'pixels' column; the split has {dataset.column_names}.")
+    from datasets import Image as HFImage
+
     feature = dataset.features["image"]
     raw = dataset.select_columns(["image"]).cast_column("image", HFImage(decode=False))
 

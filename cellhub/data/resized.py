@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image as PILImage
 
 from ..cache import default_cache_dir, update_with_files
@@ -129,8 +128,9 @@ def pixels_array(cached: Any) -> np.ndarray:
     return np.stack([np.asarray(r["pixels"], dtype=np.uint8) for r in cached.with_format("numpy")])
 
 
-class ImageRowDataset(torch.utils.data.Dataset):
-    """Rows of a split -> ``transform(image)`` (and the label, when ``with_labels``).
+class ImageRowDataset:
+    """Rows of a split -> ``transform(image)`` (and the label, when ``with_labels``): a map-style
+    dataset for ``torch.utils.data.DataLoader`` (no torch import needed to define it).
 
     Reads the ``pixels`` column of a :func:`cache_resized` split when present (held in RAM when it
     fits in ``max_ram_bytes``, else memory-mapped), otherwise decodes the ``image`` column.
