@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import inspect
 import logging
 import os
 import shutil
+import signal
+import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -37,6 +41,15 @@ from PIL import Image  # noqa: E402
 from cellhub.batch import BatchResult, predict_files  # noqa: E402
 from cellhub.images import DEFAULT_LIMITS, InputError, Limits, collect_images, read_image  # noqa: E402
 from cellhub.predict import Consensus, Prediction, Predictor, consensus, load_predictors  # noqa: E402
+from cellhub.serving import (  # noqa: E402
+    CacheJanitor,
+    InFlight,
+    ServingPlan,
+    forget_files,
+    limit_malloc_arenas,
+    serving_plan,
+    worker_plan,
+)
 from cellhub.tasks import TASKS  # noqa: E402
 
 logger = logging.getLogger("cellhub.app")
@@ -212,6 +225,8 @@ class AppState:
     failures: Sequence[tuple[str, str]] = ()
     limits: Limits = DEFAULT_LIMITS
     last_prune: float = field(default_factory=time.monotonic)
+    #: requests running now (a shutdown waits for them)
+    inflight: InFlight = field(default_factory=InFlight)
 
     @property
     def tasks(self) -> list[str]:
@@ -373,14 +388,20 @@ def predict_batch(
 
 
 def _bind(fn: Callable[..., Any], state: AppState) -> Callable[..., Any]:
-    """``fn`` with ``state`` bound, for Gradio. Its signature is ``fn``'s without ``state``, so
-    Gradio still finds a ``gr.Progress`` default; it keeps ``fn``'s name (Gradio names an
-    endpoint without ``api_name`` after it) and has no docstring (Gradio's API page would show
-    it as the endpoint's description)."""
+    """``fn`` with ``state`` bound, for Gradio, counted in ``state.inflight`` while it runs. Its
+    signature is ``fn``'s without ``state``, so Gradio still finds a ``gr.Progress`` default; it
+    keeps ``fn``'s name (Gradio names an endpoint without ``api_name`` after it) and has no
+    docstring (Gradio's API page would show it as the endpoint's description)."""
     bound = functools.partial(fn, state)
-    bound.__name__ = fn.__name__  # type: ignore[attr-defined]
-    bound.__doc__ = None
-    return bound
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with state.inflight:
+            return bound(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = fn.__name__
+    run.__signature__ = inspect.signature(bound)  # type: ignore[attr-defined]
+    run.__doc__ = None
+    return run
 
 
 def _single_tab(state: AppState) -> tuple[gr.Image, gr.Button, list[gr.components.Component]]:
@@ -450,18 +471,22 @@ def build_app(
     limits: Limits = DEFAULT_LIMITS,
     concurrency: int = 2,
     queue_size: int = 32,
+    out_dir: str | Path | None = None,
+    delete_cache: tuple[int, int] = (300, 900),
 ) -> gr.Blocks:
     """The demo as a ``gr.Blocks`` (not launched) for already-loaded ``models``.
 
-    At most ``concurrency`` requests run at once and ``queue_size`` wait; more are refused
-    with "queue is full" rather than piling up on a CPU server.
+    At most ``concurrency`` requests run at once and ``queue_size`` wait (each told its place and
+    expected wait); more are refused with "queue is full" rather than piling up on a CPU server.
+    ``out_dir`` receives CAM overlays and CSVs: inside Gradio's cache folder they are served
+    without a second copy. ``delete_cache`` is Gradio's own age-based sweep (every, older than; s).
 
     API (``gradio_client``): ``/predict`` (image file, task name) and ``/predict_batch`` (list of
     image files or a .zip, task name).
     """
-    state = make_state(models, failures=failures, limits=limits)
+    state = make_state(models, failures=failures, limits=limits, out_dir=out_dir)
     by_task, tasks = state.by_task, state.tasks
-    with gr.Blocks(title="cellhub — blood-smear cell classifier", delete_cache=(3600, 7200)) as demo:
+    with gr.Blocks(title="cellhub — blood-smear cell classifier", delete_cache=delete_cache) as demo:
         gr.Markdown(
             "# cellhub — blood-smear cell classifier\n"
             "Classify white blood cells (eosinophil, lymphocyte, monocyte, neutrophil) or malaria-infected "
@@ -489,10 +514,36 @@ def build_app(
         )
         run_batch.click(_bind(predict_batch, state), [files, task], batch_outputs, api_name="predict_batch")
     demo.queue(default_concurrency_limit=max(1, concurrency), max_size=max(1, queue_size))
+    demo.cellhub_state = state  # type: ignore[attr-defined]  # for the server loop (shutdown waits on it)
     return demo
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def measure_request_seconds(predictors: Sequence[Predictor], repeats: int = 3) -> float:
+    """Seconds one single-image request takes (every model of the busiest task, with CAM), measured
+    on a drawn cell after a warm-up: what the queue length is planned from."""
+    from cellhub import synthetic
+
+    by_task: dict[str, list[Predictor]] = {}
+    for p in predictors:
+        by_task.setdefault(_task_of(p), []).append(p)
+    worst = 0.05  # an app with no models still answers in some time
+    for task, preds in by_task.items():
+        img = (synthetic.draw_malaria_cell("parasitized", size=128, seed=1)[0] if task == "malaria"
+               else synthetic.draw_blood_cell("neutrophil", seed=1))
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            for p in preds:
+                pred = p.predict([img], with_cam=True)[0]
+                if pred.cam is not None:
+                    p.overlay(img, pred)
+            if i:  # the first run warms up
+                times.append(time.perf_counter() - t0)
+        worst = max(worst, statistics.median(times))
+    return worst
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python app.py",
         description="Serve the cellhub demo (Gradio). Loads the bundled checkpoints in ./checkpoints, the "
@@ -503,13 +554,88 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="default 127.0.0.1; 0.0.0.0 to serve the network")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="default 7860")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    parser.add_argument("--concurrency", type=int, default=2, help="requests run at once (default 2); others queue")
-    parser.add_argument("--queue-size", type=int, default=32, help="requests waiting at most (default 32)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="requests run at once (default: one per CPU core, at most 8); the cores are shared out "
+                             "between them as torch threads")
+    parser.add_argument("--queue-size", type=int, default=None,
+                        help="requests waiting at most (default: what the workers serve in a minute, measured at "
+                             "start, at least 64); each waiting client is told its place and expected wait")
+    parser.add_argument("--cache-max-mb", type=float, default=float(os.environ.get("CELLHUB_CACHE_MAX_MB", 400)),
+                        help="disk for uploads and outputs (default 400 MB, or $CELLHUB_CACHE_MAX_MB): the oldest "
+                             "files (over a minute old) are deleted above it")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="on SIGTERM / Ctrl+C, seconds to let running requests finish (default 10)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return parser
 
+
+def _plan(args: argparse.Namespace, predictors: Sequence[Predictor]) -> ServingPlan:
+    import torch
+
+    workers, threads = worker_plan(workers=args.concurrency)
+    torch.set_num_threads(threads)
+    seconds = measure_request_seconds(predictors) if args.queue_size is None else 1.0
+    return serving_plan(seconds, workers=workers, threads_per_worker=threads, queue_size=args.queue_size)
+
+
+def _drain_and_close(demo: gr.Blocks, grace: float) -> None:
+    """Let queued and running requests finish (at most ``grace`` seconds), then close the server."""
+    state: AppState = demo.cellhub_state  # type: ignore[attr-defined]
+    queue = getattr(demo, "_queue", None)  # Gradio's queue: requests waiting and running
+
+    def busy() -> int:
+        waiting = len(queue) if queue is not None else 0
+        running = queue.get_active_worker_count() if queue is not None else 0
+        return max(state.inflight.count, running) + waiting
+
+    print(f"Stopping: letting {busy()} queued or running request(s) finish (at most {grace:g} s)...", flush=True)
+    deadline = time.monotonic() + grace
+    while busy() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if busy():
+        print(f"  {busy()} request(s) unfinished after {grace:g} s; closing anyway.", flush=True)
+    demo.close()
+
+
+class _StopSignals:
+    """SIGTERM / Ctrl+C handling, installed before the models load so that no signal meets the
+    default handler (which would kill the process and leave its temporary folders behind).
+
+    The first signal asks for a graceful stop (drain, then close; before the server runs: stop as
+    soon as it does); a second closes the server at once."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.demo: gr.Blocks | None = None
+        self.grace = 10.0
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.requested.is_set():
+            raise KeyboardInterrupt  # block_thread closes the server now
+        self.requested.set()
+        if self.demo is not None:
+            self._start_drain()
+
+    def _start_drain(self) -> None:
+        threading.Thread(target=_drain_and_close, args=(self.demo, self.grace), name="cellhub-shutdown",
+                         daemon=True).start()
+
+    def serve(self, demo: gr.Blocks, grace: float) -> None:
+        """Block until the server is closed (after a signal, by the drain)."""
+        self.demo, self.grace = demo, grace
+        if self.requested.is_set():  # a signal came while the app was starting
+            self._start_drain()
+        demo.block_thread()  # returns once the server is closed
+
+
+def _load_and_build(args: argparse.Namespace, out_dir: Path) -> tuple[gr.Blocks, ServingPlan]:
+    """Load every model once, report what loaded, plan the workers and queue, build the app."""
     sources = model_sources(args.models, bundled=not args.no_bundled)
     if not sources:
         print(f"No models to load: {BUNDLED_DIR} has no checkpoints and neither --models nor ${ENV_MODELS} is set.", file=sys.stderr)
@@ -519,18 +645,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  ✓ {p.name:<28} task={_task_of(p):<12} labels={','.join(p.labels)}  threshold={_threshold_text(p)}")
     for src, err in failures:
         print(f"  ✗ {src}: {err.splitlines()[0]}  (skipped)")
-    demo = build_app(predictors, failures=failures, concurrency=args.concurrency, queue_size=args.queue_size)
-    _, local_url, share_url = demo.launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=args.share,
-        max_file_size=MAX_UPLOAD,
-        show_error=True,
-        prevent_thread_lock=True,
-        quiet=True,
-    )
-    print(f"Serving on {local_url or f'http://{args.host}:{args.port}/'}" + (f"  public: {share_url}" if share_url else "") + "  (Ctrl+C to stop)", flush=True)
-    demo.block_thread()
+    plan = _plan(args, predictors)
+    demo = build_app(predictors, failures=failures, concurrency=plan.workers, queue_size=plan.queue_size,
+                     out_dir=out_dir)
+    return demo, plan
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.cache_max_mb <= 0:
+        print(f"--cache-max-mb must be positive, got {args.cache_max_mb:g}", file=sys.stderr)
+        return 2
+    stop = _StopSignals()
+    limit_malloc_arenas(2)  # before the worker threads exist: their arenas are what grows
+    # uploads and outputs in one folder of ours (unless the host chose one): bounded, removed at exit
+    root = Path(tempfile.mkdtemp(prefix="cellhub-app-"))
+    own_cache = "GRADIO_TEMP_DIR" not in os.environ
+    cache_root = Path(os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "gradio")))
+    out_dir = cache_root / f"cellhub-outputs-{os.getpid()}"
+    janitor: CacheJanitor | None = None
+    try:
+        demo, plan = _load_and_build(args, out_dir)
+        print(f"Serving plan: {plan.describe()}; uploads and outputs kept under {args.cache_max_mb:g} MB in "
+              f"{cache_root}")
+        janitor = CacheJanitor(cache_root, int(args.cache_max_mb * 2**20), on_deleted=lambda paths: forget_files(
+            [b.temp_files for b in demo.blocks.values() if isinstance(getattr(b, "temp_files", None), set)], paths))
+        _, local_url, share_url = demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            max_file_size=MAX_UPLOAD,
+            show_error=True,
+            prevent_thread_lock=True,
+            quiet=True,
+        )
+        janitor.start()
+        print(f"Serving on {local_url or f'http://{args.host}:{args.port}/'}" + (f"  public: {share_url}" if share_url else "") + "  (Ctrl+C to stop)", flush=True)
+        stop.serve(demo, args.grace)
+    finally:
+        stop.restore()
+        if janitor is not None:
+            janitor.stop()
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+        if own_cache:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+    print("Stopped.", flush=True)
     return 0
 
 

@@ -34,9 +34,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "train-input": ("bench_train_input.py", ["--no-compile"]),
     "gpu-train": ("bench_gpu_train.py", []),
     "app": ("bench_app.py", []),
+    "soak": ("bench_soak.py", ["--minutes", "1"]),
 }
 #: benchmarks that accept --data
-TAKES_DATA = {"folder", "train-input"}
+TAKES_DATA = {"folder", "train-input", "soak"}
 LINE = re.compile(r"^[a-z0-9][a-z0-9-]*: ratio=")
 
 

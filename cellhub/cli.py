@@ -202,7 +202,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m cellhub`` parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="python -m cellhub", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cellhub",
+        description="Classify (predict), score (evaluate) and check for leaks (audit) blood-smear cell images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_audit, _add_evaluate, _add_predict):
