@@ -543,6 +543,11 @@ def measure_request_seconds(predictors: Sequence[Predictor], repeats: int = 3) -
     return worst
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python app.py",
@@ -554,17 +559,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="default 127.0.0.1; 0.0.0.0 to serve the network")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="default 7860")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    parser.add_argument("--concurrency", type=int, default=None,
-                        help="requests run at once (default: one per CPU core, at most 8); the cores are shared out "
-                             "between them as torch threads")
-    parser.add_argument("--queue-size", type=int, default=None,
+    parser.add_argument("--concurrency", type=int, default=_env_int("CELLHUB_CONCURRENCY"),
+                        help="requests run at once (default: one per CPU core, at most 8, or $CELLHUB_CONCURRENCY); "
+                             "the cores are shared out between them as torch threads")
+    parser.add_argument("--queue-size", type=int, default=_env_int("CELLHUB_QUEUE_SIZE"),
                         help="requests waiting at most (default: what the workers serve in a minute, measured at "
-                             "start, at least 64); each waiting client is told its place and expected wait")
+                             "start, at least 64, or $CELLHUB_QUEUE_SIZE); each waiting client is told its place "
+                             "and expected wait")
     parser.add_argument("--cache-max-mb", type=float, default=float(os.environ.get("CELLHUB_CACHE_MAX_MB", 400)),
                         help="disk for uploads and outputs (default 400 MB, or $CELLHUB_CACHE_MAX_MB): the oldest "
                              "files (over a minute old) are deleted above it")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="on SIGTERM / Ctrl+C, seconds to let running requests finish (default 10)")
+    parser.add_argument("--grace", type=float, default=float(os.environ.get("CELLHUB_GRACE", 10)),
+                        help="on SIGTERM / Ctrl+C, seconds to let queued and running requests finish (default 10, "
+                             "or $CELLHUB_GRACE)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     return parser
 

@@ -110,6 +110,10 @@ class BatchResult:
     consensus: list[Consensus] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: images predicted, and their consensus labels counted (also when the rows are not kept)
+    n_predicted: int = 0
+    label_counts: Counter = field(default_factory=Counter)
+    n_uncertain: int = 0
 
     def header(self) -> list[str]:
         cols = ["file"]
@@ -117,19 +121,20 @@ class BatchResult:
             cols += [f"{m} label", f"{m} confidence"]
         return cols + ["consensus", "agreement", "uncertain", "reasons"]
 
+    def row(self, name: str, preds: dict[str, Prediction], cons: Consensus) -> list[Any]:
+        """One CSV row (the columns of :meth:`header`)."""
+        row: list[Any] = [name]
+        for m in self.models:
+            row += [preds[m].label, round(preds[m].confidence, 4)]
+        return row + [cons.label, f"{len(cons.agree)}/{len(preds)}", cons.uncertain, "; ".join(cons.reasons)]
+
     def rows(self) -> list[list[Any]]:
-        out = []
-        for name, preds, cons in zip(self.files, self.predictions, self.consensus):
-            row: list[Any] = [name]
-            for m in self.models:
-                row += [preds[m].label, round(preds[m].confidence, 4)]
-            row += [cons.label, f"{len(cons.agree)}/{len(preds)}", cons.uncertain, "; ".join(cons.reasons)]
-            out.append(row)
-        return out
+        return [self.row(n, p, c) for n, p, c in zip(self.files, self.predictions, self.consensus)]
 
     def counts(self) -> list[tuple[str, int, float]]:
         """Per-class counts of the consensus labels (all images, flagged ones included)."""
-        return class_counts((c.label for c in self.consensus), self.labels)
+        labels = self.label_counts.elements() if self.label_counts else (c.label for c in self.consensus)
+        return class_counts(labels, self.labels)
 
     def write_csv(self, path: str | Path) -> Path:
         path = Path(path)
@@ -159,6 +164,7 @@ def predict_files(
     progress: ProgressFn | None = None,
     on_chunk: Callable[[list[ImageRef], list[Image.Image], list[dict[str, Prediction]]], None] | None = None,
     forward_batch_size: int | None = None,
+    keep_results: bool = True,
 ) -> BatchResult:
     """Predict every image with every model: ``batch_size`` images decoded at once, run through
     each model ``forward_batch_size`` at a time (default: each predictor's own, 8 on the CPU).
@@ -168,7 +174,9 @@ def predict_files(
     bounded for large batches. Undecodable files are skipped and listed in
     ``result.skipped``. ``progress(done, total, message)`` is called after each chunk;
     ``on_chunk(refs, images, predictions)`` lets a caller use the decoded images (e.g. to save
-    CAM overlays) before they are dropped.
+    CAM overlays, or to stream rows to a CSV) before they are dropped. With ``keep_results=False``
+    the result keeps only the counts and the skipped files, so memory stays flat for any number
+    of images.
     """
     if not predictors:
         raise ValueError("no models to predict with")
@@ -216,9 +224,14 @@ def predict_files(
             }
             chunk_preds = [{m: per_model[m][i] for m in names} for i in range(len(images))]
             for ref, preds in zip(good_refs, chunk_preds):
-                result.files.append(ref.name)
-                result.predictions.append(preds)
-                result.consensus.append(consensus(list(preds.values())))
+                cons = consensus(list(preds.values()))
+                result.n_predicted += 1
+                result.label_counts[cons.label] += 1
+                result.n_uncertain += bool(cons.uncertain)
+                if keep_results:
+                    result.files.append(ref.name)
+                    result.predictions.append(preds)
+                    result.consensus.append(cons)
             if on_chunk is not None:
                 on_chunk(good_refs, images, chunk_preds)
         if progress:

@@ -115,12 +115,18 @@ def _add_predict(subparsers: Any) -> None:
         "predict",
         help="classify images, folders or .zip archives with a checkpoint",
         description="Classify cell images with one checkpoint (Hub id or folder), batched, with "
-        "optional Grad-CAM overlays and a CSV of the results.",
+        "optional Grad-CAM overlays and a CSV of the results. Any number of images: rows are written "
+        "to the CSV as they are predicted, and --resume continues an interrupted run.",
     )
     p.add_argument("checkpoint", help="Hub model id or local checkpoint folder")
-    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or .zip archives")
+    p.add_argument("inputs", nargs="+",
+                   help="image files, folders (searched recursively), .zip archives, or .txt files listing "
+                        "one of those per line (relative paths from the .txt's folder)")
     p.add_argument("--cam-dir", type=Path, default=None, help="write a Grad-CAM overlay PNG per image here")
-    p.add_argument("--csv", type=Path, default=None, help="write the results table to this CSV file")
+    p.add_argument("--csv", type=Path, default=None, help="write the results table to this CSV file, row by row")
+    p.add_argument("--resume", action="store_true",
+                   help="with --csv: skip the images already in the CSV and append the others")
+    p.add_argument("--quiet", action="store_true", help="no line per image on the terminal (the CSV has them)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="images decoded at once (default 32); each forward pass takes 8 of them on the CPU, 32 on a GPU")
     p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default: CPUs + 1, max 8)")
@@ -128,76 +134,142 @@ def _add_predict(subparsers: Any) -> None:
     p.set_defaults(func=_predict)
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from PIL import Image
-    from tqdm.auto import tqdm
+def _expand_inputs(inputs: list[str]) -> list[str]:
+    """The inputs with every ``.txt`` file replaced by the paths it lists (blank and ``#`` lines skipped)."""
+    out: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.suffix.lower() == ".txt" and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    listed = Path(line).expanduser()
+                    out.append(str(listed if listed.is_absolute() else path.parent / listed))
+        else:
+            out.append(item)
+    return out
 
-    from .batch import predict_files
-    from .images import ImageRef, InputError, collect_images
-    from .predict import Prediction, Predictor
 
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        predictor = Predictor.from_pretrained(args.checkpoint, device=args.device)
-    except Exception as exc:
-        raise SystemExit(f"could not load checkpoint {args.checkpoint!r}: {exc}") from exc
-    try:
-        refs, skipped = collect_images(args.inputs)
-    except InputError as exc:
-        raise SystemExit(str(exc)) from exc
-    if args.cam_dir is not None:
-        args.cam_dir.mkdir(parents=True, exist_ok=True)
+class _CsvStream:
+    """The results CSV, written a chunk at a time (flushed), and what an earlier run already wrote."""
 
+    def __init__(self, path: Path | None, header: list[str], resume: bool) -> None:
+        import csv
+
+        self.path, self.done = path, set()
+        self._fh = self._writer = None
+        if path is None:
+            return
+        fresh = not (resume and path.is_file() and path.stat().st_size > 0)
+        if not fresh:
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = list(csv.reader(fh))
+            if rows and rows[0] != header:
+                raise SystemExit(f"--resume: {path} has the columns {rows[0]}, not {header}: it was written by "
+                                 "other models. Use a new --csv file.")
+            self.done = {r[0] for r in rows[1:] if r}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "w" if fresh else "a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._fh)
+        if fresh:
+            self._writer.writerow(header)
+
+    def write(self, rows: list[list[Any]]) -> None:
+        if self._writer is not None:
+            self._writer.writerows(rows)
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def _cam_saver(predictor: Any, cam_dir: Path) -> Any:
+    """``save(refs, images, preds)``: one overlay PNG per image, under a unique name."""
+    cam_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
 
-    def save_cams(chunk_refs: list[ImageRef], images: list[Image.Image], preds: list[dict[str, Prediction]]) -> None:
+    def save(chunk_refs: list[Any], images: list[Any], preds: list[dict[str, Any]]) -> None:
         for ref, img, pred in zip(chunk_refs, images, preds):
-            stem = ref.name.replace("/", "__").replace("\\", "__")
-            stem = Path(stem).stem or "image"
+            stem = Path(ref.name.replace("/", "__").replace("\\", "__")).stem or "image"
             out, n = f"{stem}.cam.png", 2
             while out in used:
                 out, n = f"{stem}-{n}.cam.png", n + 1
             used.add(out)
-            predictor.overlay(img, pred[predictor.name]).save(args.cam_dir / out)
+            predictor.overlay(img, pred[predictor.name]).save(cam_dir / out)
 
-    bar = tqdm(total=len(refs), unit="img", desc="predict")
+    return save
 
-    def progress(done: int, total: int, _msg: str) -> None:
-        bar.update(done - bar.n)
 
-    result = predict_files(
-        [predictor],
-        refs,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        with_cam=args.cam_dir is not None,
-        progress=progress,
-        on_chunk=save_cams if args.cam_dir is not None else None,
-    )
-    bar.close()
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .batch import BatchResult, predict_files
+    from .images import InputError, Limits, collect_images
+    from .predict import Predictor
+
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.resume and args.csv is None:
+        raise SystemExit("--resume needs --csv: the CSV is where the finished images are read from")
+    try:
+        predictor = Predictor.from_pretrained(args.checkpoint, device=args.device)
+    except Exception as exc:
+        raise SystemExit(f"could not load checkpoint {args.checkpoint!r}: {exc}") from exc
+    try:  # a command-line run has no request limit: the rows stream to the CSV
+        refs, skipped = collect_images(_expand_inputs(args.inputs), limits=Limits(max_images=sys.maxsize))
+    except InputError as exc:
+        raise SystemExit(str(exc)) from exc
+    layout = BatchResult(models=[predictor.name], labels=list(predictor.labels))
+    stream = _CsvStream(args.csv, layout.header(), args.resume)
+    before = len(refs)
+    refs = [r for r in refs if r.name not in stream.done]
+    if stream.done:
+        print(f"--resume: {before - len(refs)} image(s) already in {args.csv}; {len(refs)} to go")
+    save_cams = _cam_saver(predictor, args.cam_dir) if args.cam_dir is not None else None
+    bar = tqdm(total=len(refs), unit="img", desc="predict", smoothing=0.1)
+
+    def on_chunk(chunk_refs: list[Any], images: list[Any], preds: list[dict[str, Any]]) -> None:
+        from .predict import consensus
+
+        stream.write([layout.row(r.name, p, consensus(list(p.values()))) for r, p in zip(chunk_refs, preds)])
+        if save_cams is not None:
+            save_cams(chunk_refs, images, preds)
+        if not args.quiet:
+            for ref, p in zip(chunk_refs, preds):
+                pred = p[predictor.name]
+                flag = "  UNCERTAIN (under threshold)" if pred.abstain else ""
+                bar.write(f"{ref.name}\t{pred.label}\t{pred.confidence:.3f}{flag}")
+
+    try:
+        result = predict_files([predictor], refs, batch_size=args.batch_size, workers=args.workers,
+                               with_cam=save_cams is not None, on_chunk=on_chunk, keep_results=False,
+                               progress=lambda done, total, _m: bar.update(done - bar.n))
+    finally:
+        bar.close()
+        stream.close()
     result.skipped = skipped + result.skipped
-    for name, preds in zip(result.files, result.predictions):
-        pred = preds[predictor.name]
-        flag = "  UNCERTAIN (under threshold)" if pred.abstain else ""
-        print(f"{name}\t{pred.label}\t{pred.confidence:.3f}{flag}")
-    n = len(result.files)
-    print(f"\n{n} images in {result.seconds:.2f} s with {predictor.name} ({predictor.task}):")
+    _print_summary(result, predictor, args)
+    return 0 if result.n_predicted or stream.done else 2
+
+
+def _print_summary(result: Any, predictor: Any, args: argparse.Namespace) -> None:
+    n = result.n_predicted
+    rate = n / result.seconds if result.seconds > 0 else float("nan")
+    print(f"\n{n} images in {result.seconds:.2f} s ({rate:.1f} img/s) with {predictor.name} ({predictor.task}):")
     for label, count, pct in result.counts():
         print(f"  {label:<14} {count:>6}  {pct:5.1f}%")
     if predictor.threshold is None:
         print("  (this checkpoint has no abstention threshold: low-confidence predictions are not flagged)")
     else:
-        flagged = sum(p[predictor.name].abstain for p in result.predictions)
-        print(f"  {flagged} under the abstention threshold {predictor.threshold:.3f} (refer for manual review)")
+        print(f"  {result.n_uncertain} under the abstention threshold {predictor.threshold:.3f} "
+              "(refer for manual review)")
     for name, reason in result.skipped:
         logger.warning("skipped %s: %s", name, reason)
     if args.csv is not None:
-        result.write_csv(args.csv)
         print(f"results written to {args.csv}")
     if args.cam_dir is not None:
         print(f"Grad-CAM overlays written to {args.cam_dir}")
-    return 0 if n else 2
 
 
 def build_parser() -> argparse.ArgumentParser:

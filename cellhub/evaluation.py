@@ -146,6 +146,8 @@ def run_evaluate(checkpoint: str, data: str, split: str | None = None, *, batch_
     name, ds = select_split(dsd, split, source=str(data))
     if len(ds) == 0:
         raise ValueError(f"Split {name!r} of {data} has no images.")
+    if not report.named_splits and split is None:
+        name = "all"  # a folder without split folders is scored whole: not a "train" split
     m = evaluate_model(model, ds, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
     m.update({
         "checkpoint": str(checkpoint),

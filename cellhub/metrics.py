@@ -17,6 +17,7 @@ import numpy as np
 __all__ = [
     "classification_metrics",
     "macro_f1",
+    "group_vote_accuracy",
     "grouped_bootstrap",
     "expected_calibration_error",
     "choose_abstention_threshold",
@@ -125,6 +126,33 @@ def grouped_bootstrap(
     return {"accuracy": out_acc, "macro_f1": out_f1}
 
 
+def group_vote_accuracy(y_true: Sequence[int], y_prob: Any, groups: Sequence[Any]) -> dict[str, Any]:
+    """Accuracy with one vote per group: what a lab reads as "cells right" when a cell has several images.
+
+    Each group's prediction is the majority of its images' predicted labels (a tie goes to the
+    label with the highest summed probability); it is right when it equals the group's true label
+    (the majority of its images' labels). Returns ``group_accuracy``, ``n_groups_correct``,
+    ``n_groups``.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_prob, dtype=np.float64)
+    k = p.shape[1]
+    _, gidx = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    n_groups = int(gidx.max()) + 1 if len(gidx) else 0
+    pred = p.argmax(1)
+    votes = np.zeros((n_groups, k))
+    np.add.at(votes, (gidx, pred), 1.0)
+    mass = np.zeros((n_groups, k))
+    np.add.at(mass, gidx, p)
+    group_pred = np.lexsort((mass.T, votes.T), axis=0)[-1] if n_groups else np.zeros(0, dtype=np.int64)
+    truth = np.zeros((n_groups, k))
+    np.add.at(truth, (gidx, y), 1.0)
+    group_true = truth.argmax(1)
+    correct = int((group_pred == group_true).sum())
+    return {"group_accuracy": correct / n_groups if n_groups else float("nan"), "n_groups_correct": correct,
+            "n_groups": n_groups}
+
+
 def _bootstrap_cis(y: np.ndarray, pred: np.ndarray, groups: Sequence[Any] | None, k: int, *, n_boot: int,
                    seed: int) -> dict[str, Any]:
     """95% percentile intervals of accuracy and macro-F1 from :func:`grouped_bootstrap`, and how they were made."""
@@ -209,6 +237,8 @@ def classification_metrics(
     out.update(_bootstrap_cis(y, pred, groups, k, n_boot=n_boot, seed=seed))
     out["n_images"] = int(len(y))
     out["n_groups"] = int(n_groups)
+    if groups is not None:
+        out.update(group_vote_accuracy(y, p, groups))
     out["per_class"] = {
         labels[i]: {
             "precision": float(precision[i]),
@@ -311,6 +341,9 @@ def format_metrics_table(m: dict[str, Any], title: str | None = None) -> str:
     )
     lines.append(f"accuracy          {m['accuracy']:.4f}   95% CI {format_ci(m.get('ci95'))}")
     lines.append(f"macro-F1          {m['macro_f1']:.4f}   95% CI {format_ci(m.get('macro_f1_ci95'))}")
+    if m.get("group_accuracy") is not None and m["n_groups"] < m["n_images"]:
+        lines.append(f"per group (vote)  {m['group_accuracy']:.4f}   {m['n_groups_correct']}/{m['n_groups']} groups "
+                     "right, one majority vote per group (cell / patient)")
     if "balanced_accuracy" in m:
         lines.append(f"balanced accuracy {m['balanced_accuracy']:.4f}")
     if "auc" in m:

@@ -210,6 +210,12 @@ def _evaluation(metrics: Mapping[str, Any], labels: list[Any]) -> dict[str, Any]
                    for key, name, ci in _CI_METRICS]
     metric_rows += [{"name": name, "value": _fmt(metrics[key]), "ci": None}
                     for key, name in _EXTRA_METRICS if key in metrics]
+    n_images, n_groups = metrics.get("n_images"), metrics.get("n_groups")
+    if metrics.get("group_accuracy") is not None and isinstance(n_images, int) and isinstance(n_groups, int) \
+            and n_groups < n_images:  # the data repeats cells: a lab reads "cells right"
+        metric_rows.insert(1, {"name": "accuracy per group (one majority vote per cell / patient)",
+                               "value": f"{_fmt(metrics['group_accuracy'])} ({metrics['n_groups_correct']}/{n_groups})",
+                               "ci": None})
     splits = metrics.get("splits")
     split_rows = None
     if isinstance(splits, Mapping) and len(splits) > 1:

@@ -82,7 +82,12 @@ def test_single_split_source_is_evaluated_whole(setup, tmp_path):
     _, ckpt = setup
     flat = write_imagefolder(tmp_path / "flat", "malaria", n_per_class=3, splits=None, size=32)
     m = run_evaluate(str(ckpt), str(flat), None, n_boot=20, progress=False)
-    assert m["n_images"] == 6 and m["split"] == "train"
+    # issue 12: a folder without split folders is reported as "all", not as a "train" split
+    assert m["n_images"] == 6 and m["split"] == "all"
+    named = write_imagefolder(tmp_path / "named", "malaria", n_per_class=3, splits=("train",), size=32)
+    assert run_evaluate(str(ckpt), str(named), None, n_boot=20, progress=False)["split"] == "train"
+    m = run_evaluate(str(ckpt), str(flat), "train", n_boot=20, progress=False)
+    assert m["split"] == "train"  # asked for by name: answered by name
 
 
 def test_labels_of_another_task_are_refused(setup, tmp_path):

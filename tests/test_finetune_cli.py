@@ -122,3 +122,27 @@ def test_reproduce_quick_writes_the_table(tmp_path, monkeypatch):
     assert "no test split" in text and "(vs val)" in text
     results = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert results[0]["status"] == "ok" and results[0]["result"]["splits"]["validation"]["ci95"]
+
+
+def test_init_from_and_learning_curve(malaria, tmp_path):
+    """--init-from continues from a checkpoint; learning_curve.py draws accuracy against labels per class."""
+    first = tmp_path / "first"
+    assert _load_script().main(_args(malaria, first, "--epochs", "1")) == 0
+    spec = importlib.util.spec_from_file_location("learning_curve_cli", ROOT / "train" / "learning_curve.py")
+    lc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lc)
+    out = tmp_path / "curve"
+    rc = lc.main(["--dataset", str(malaria), "--init-from", str(first), "--sizes", "1", "2", "--epochs", "1",
+                  "--image-size", "16", "--batch-size", "8", "--n-boot", "20", "--output-dir", str(out),
+                  "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert rc == 0
+    curve = json.loads((out / "curve.json").read_text())
+    pts = curve["points"]
+    assert [p["cells_per_class"] for p in pts] == [1, 2]
+    assert pts[0]["train_images"] < pts[1]["train_images"]  # more labelled groups, more images
+    assert pts[0]["n_images"] == pts[1]["n_images"]  # one validation split for every point
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 1 |" in (out / "curve.md").read_text()
+    recipe = json.loads((out / "n2" / "config.json").read_text())["cellhub"]["recipe"]
+    assert recipe["init_from"] == "local folder 'first' (checkpoint)"
+    assert lc.main(["--dataset", str(malaria), "--sizes", "0"]) == 2

@@ -455,3 +455,15 @@ def test_wrapped_models_are_saved_unwrapped(tmp_path):
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(folder)(x), model(x), rtol=0, atol=0)
+
+
+def test_card_shows_cells_right_when_the_data_repeats_cells(tmp_path):
+    model = create_model("smallcnn", "malaria", pretrained=False, image_size=SIZE)
+    m = _metrics(["parasitized", "uninfected"])  # 40 images of 10 groups
+    folder = save_pretrained(model, tmp_path / "run", metrics=m)
+    text = (folder / "README.md").read_text()
+    assert f"| accuracy per group (one majority vote per cell / patient) | {m['group_accuracy']:.3f} " \
+           f"({m['n_groups_correct']}/10) | |" in text
+    one_each = dict(m, n_groups=40)  # every image its own group: nothing to add
+    folder2 = save_pretrained(model, tmp_path / "run2", metrics=one_each)
+    assert "accuracy per group" not in (folder2 / "README.md").read_text()

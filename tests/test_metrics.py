@@ -165,3 +165,22 @@ def test_plots_write_png(tmp_path):
     b = plot_confusion([[3, 1], [0, 4]], ["parasitized", "uninfected"], tmp_path / "cm.png")
     for f in (a, b):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_group_vote_accuracy_counts_cells_not_images():
+    from cellhub.metrics import classification_metrics, format_metrics_table, group_vote_accuracy
+
+    # cell A: 3 images, 2 right -> the cell is right; cell B: 1 image right; cell C: 4 images, 1 right -> wrong
+    y = [0, 0, 0, 1, 1, 1, 1, 1]
+    pred = [0, 0, 1, 1, 0, 0, 0, 1]
+    p = np.eye(2)[pred] * 0.8 + 0.1
+    groups = ["A", "A", "A", "B", "C", "C", "C", "C"]
+    g = group_vote_accuracy(y, p, groups)
+    assert g == {"group_accuracy": 2 / 3, "n_groups_correct": 2, "n_groups": 3}
+    m = classification_metrics(y, p, ["a", "b"], groups=groups, n_boot=10)
+    assert m["accuracy"] == pytest.approx(4 / 8) and m["n_groups_correct"] == 2
+    assert "2/3 groups right" in format_metrics_table(m)
+    # a tie of votes goes to the label with more probability mass
+    tie = group_vote_accuracy([1, 1], np.array([[0.55, 0.45], [0.1, 0.9]]), ["x", "x"])
+    assert tie["n_groups_correct"] == 1
+    assert "group_accuracy" not in classification_metrics(y, p, ["a", "b"], n_boot=0)

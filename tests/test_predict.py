@@ -314,3 +314,42 @@ def test_cli_predicts_a_folder_with_csv_and_cams(checkpoint: Path, tmp_path: Pat
     cams = sorted(cam_dir.glob("*.png"))
     assert [p.name for p in cams] == ["in__c0.cam.png", "in__c1.cam.png", "in__c2.cam.png"]
     assert Image.open(cams[0]).size == (50, 40)
+
+
+def test_cli_streams_any_number_of_images_and_resumes(checkpoint: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    base = _cells(1, size=(24, 18))[0]
+    for i in range(2_010):  # more than one app request may hold (Limits.max_images = 2,000)
+        base.save(folder / f"c{i:04d}.png")
+    out_csv = tmp_path / "rows.csv"
+    rc = cellhub_main(["predict", str(checkpoint), str(folder), "--csv", str(out_csv), "--quiet", "--batch-size", "64"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "2010 images in" in printed and "img/s" in printed and "many/c0000.png\t" not in printed  # --quiet
+    rows = list(csv.reader(out_csv.open()))
+    assert len(rows) == 1 + 2_010
+    # an interrupted run: the CSV lost its last 500 rows; --resume predicts only those and appends them
+    with out_csv.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows[:-500])
+    rc = cellhub_main(["predict", str(checkpoint), str(folder), "--csv", str(out_csv), "--resume", "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "1510 image(s) already in" in printed and "500 images in" in printed
+    again = list(csv.reader(out_csv.open()))
+    assert again[0] == rows[0] and sorted(r[0] for r in again[1:]) == sorted(r[0] for r in rows[1:])
+    assert len({r[0] for r in again[1:]}) == 2_010  # each image once
+
+
+def test_cli_reads_a_text_file_of_paths(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for i, img in enumerate(_cells(2, size=(40, 30))):
+        img.save(tmp_path / f"x{i}.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# cells to classify\nx0.png\n\n" + str(tmp_path / "x1.png") + "\nmissing.png\n")
+    out_csv = tmp_path / "o.csv"
+    assert cellhub_main(["predict", str(checkpoint), str(listing), "--csv", str(out_csv)]) == 0
+    names = [r["file"] for r in csv.DictReader(out_csv.open())]
+    assert names == ["x0.png", "x1.png"]
+    with pytest.raises(SystemExit, match="--resume needs --csv"):
+        cellhub_main(["predict", str(checkpoint), str(listing), "--resume"])

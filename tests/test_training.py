@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -152,3 +153,42 @@ def test_bad_settings_fail_early():
         TrainConfig(dataset="x", epochs=0).validate()
     with pytest.raises(ValueError, match="select_metric"):
         TrainConfig(dataset="x", select_metric="auc").validate()
+
+
+def test_model_from_checkpoint_keeps_the_backbone_and_replaces_a_foreign_head(tmp_path):
+    from cellhub import create_model
+    from cellhub.hub import save_pretrained
+    from cellhub.svm import SVMClassifier
+    from cellhub.training.pipeline import model_from_checkpoint
+
+    torch.manual_seed(0)
+    src = create_model("smallcnn", "blood-cells", pretrained=False, image_size=40)
+    folder = save_pretrained(src, tmp_path / "blood")
+    notes = []
+    same = model_from_checkpoint(str(folder), get_task("blood-cells").labels, notes=notes)
+    sd_src, sd_same = src.state_dict(), same.state_dict()
+    assert all(torch.equal(sd_src[k], sd_same[k]) for k in sd_src)  # every weight, the head too
+    assert same.cellhub_config["pretrained_cfg"]["input_size"] == [3, 40, 40]  # its preprocessing
+    other = model_from_checkpoint(str(folder), ["parasitized", "uninfected"], image_size=32, notes=notes)
+    sd_other = other.state_dict()
+    assert sd_other["head.weight"].shape == (2, 256)
+    assert all(torch.equal(sd_src[k], sd_other[k]) for k in sd_src if not k.startswith("head."))
+    assert other.cellhub_config["labels"] == ["parasitized", "uninfected"]
+    assert other.cellhub_config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert "same labels" in notes[0] and "new classifier head" in notes[1]
+    svm_dir = tmp_path / "svm"
+    SVMClassifier(["a", "b"]).fit(np.random.default_rng(0).normal(size=(20, 4)), [0, 1] * 10).save_pretrained(svm_dir)
+    with pytest.raises(ValueError, match="SVM"):
+        model_from_checkpoint(str(svm_dir), ["a", "b"])
+
+
+def test_fit_init_from_a_checkpoint_on_new_data(blood, tmp_path):
+    first = tmp_path / "first"
+    fit(_cfg(blood, first, tmp_path / "cache", epochs=2, save_checkpoints=False))
+    m = fit(_cfg(blood, tmp_path / "second", tmp_path / "cache", epochs=1, save_checkpoints=False,
+                 init_from=str(first), model="resnet18"))  # the checkpoint's architecture wins
+    cfg = json.loads((tmp_path / "second" / "config.json").read_text())
+    recipe = cfg["cellhub"]["recipe"]
+    assert recipe["model"] == "smallcnn" and m["model"] == "smallcnn"
+    assert recipe["init_from"] == "local folder 'first' (checkpoint)"
+    assert any("initialised from" in n for n in recipe["notes"])

@@ -81,6 +81,8 @@ class Layout:
     task: Task
     #: split -> list of (class_label, class_dir, list of duplicate class dirs to merge)
     splits: dict[str, list[tuple[str, Path, list[Path]]]]
+    #: False when the folder has no split folders (its one split is called "train" by convention)
+    named_splits: bool = True
 
 
 def _classify_class_root(d: Path, tasks: Sequence[Task]) -> tuple[dict[str, Path], list[Path], list[Path]] | None:
@@ -192,11 +194,14 @@ def find_layout(path: Path, task: Task | None) -> Layout:
         root = min(class_roots)[1]
         known, unknown, _ = _classify_class_root(root, tasks)  # type: ignore[misc]
         the_task = pick_task(list(known) + [u.name for u in unknown], task, root)
-        split = split_name(root.name) or "train"
+        split = split_name(root.name)
+        named = split is not None
+        split = split or "train"
         kind = "kaggle-malaria" if the_task.name == "malaria" and root.name.lower() == "cell_images" else "imagefolder"
         if the_task.name == "blood-cells" and any("dataset2-master" in p for p in root.parts):
             kind = "kaggle-blood-cells"
-        return Layout(root=root, kind=kind, task=the_task, splits={split: _class_dirs(root, the_task)})
+        return Layout(root=root, kind=kind, task=the_task, splits={split: _class_dirs(root, the_task)},
+                      named_splits=named)
     if images_directly_in_path and not _subdirs(path):
         raise DatasetLayoutError(
             f"{path} holds images directly but no class folders: pass the folder that contains the "

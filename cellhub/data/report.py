@@ -31,6 +31,8 @@ class LoadReport:
     smear_dir: str | None = None
     #: files of a nested duplicate tree (Kaggle malaria zip) that were recognised and not counted again
     ignored_duplicates: int = 0
+    #: False when a local folder had no split folders: its one split ("train") is the whole folder
+    named_splits: bool = True
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

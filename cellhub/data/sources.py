@@ -113,6 +113,7 @@ def _load_local(path: Path, task: Task | None, cache_dir: Path | None, smear_dir
     layout = find_layout(path, task)
     task = layout.task
     report.task, report.source_kind, report.root = task.name, layout.kind, str(layout.root)
+    report.named_splits = layout.named_splits
     if task.name == "blood-cells" and smear_dir is None:
         smear_dir = find_smear_dir(layout.root)
     if smear_dir is not None:

@@ -52,6 +52,9 @@ class TrainConfig:
     pretrained: bool = _opt(True, "random initialisation instead of ImageNet weights", "model",
                             flag="--from-scratch", invert=True)
     freeze_backbone: bool = _opt(False, "train only the classifier head", "model")
+    init_from: str | None = _opt(None, "start from this cellhub checkpoint (folder or Hub id): its architecture, "
+                                       "weights and preprocessing (--image-size changes the size); a new head when "
+                                       "the labels differ", "model")
     drop_rate: float | None = _opt(None, "dropout before the classifier", "model")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy", "optimisation")
     output_dir: str = _opt("runs/cellhub", "checkpoint folder (created)", "run")

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import data, hub, metrics
+from .. import data, hub, metrics, models
 from ..data import LoadReport
+from ..svm import SVMClassifier
 
-__all__ = ["PreparedData", "prepare_splits", "subsample", "cache_size", "auto_workers", "public_dataset_name",
+__all__ = ["PreparedData", "prepare_splits", "model_from_checkpoint", "subsample", "cache_size", "auto_workers", "public_dataset_name",
            "evaluate_splits", "summarise", "write_checkpoint", "EVAL_ORDER"]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,54 @@ def prepare_splits(dataset: str, *, task: str | None = None, cache_dir: str | No
         notes.append(f"subsampled: max_train_samples={max_train_samples}, max_eval_samples={max_eval_samples}")
     return PreparedData(splits=splits, report=report, labels=labels, task=report.task,
                         had_validation=had_validation, val_fraction=val_fraction, notes=notes)
+
+
+def _classifier_prefix(model: Any) -> str:
+    head = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    raise ValueError(f"{type(model).__name__} has no classifier module to replace")  # pragma: no cover
+
+
+def model_from_checkpoint(source: str, labels: Sequence[str], *, image_size: int | None = None,
+                          freeze_backbone: bool = False, drop_rate: float | None = None,
+                          notes: list[str] | None = None) -> Any:
+    """A registered model for ``labels`` that starts from the weights of a saved cellhub CNN.
+
+    The architecture and preprocessing are the checkpoint's (``image_size`` changes the input
+    size: the CNNs pool globally); every weight is taken over, except the classifier when the
+    labels differ (a new head for the new labels). Raises ``ValueError`` for an SVM checkpoint or
+    an architecture the registry does not know.
+    """
+    old = hub.load_pretrained(source)
+    if isinstance(old, SVMClassifier):
+        raise ValueError(f"--init-from {source}: that is an SVM checkpoint; start from a CNN checkpoint "
+                         "(a folder written by train/finetune.py).")
+    cc = old.cellhub_config
+    name = cc.get("model_name")
+    if name not in models.MODEL_REGISTRY:
+        raise ValueError(f"--init-from {source}: model {name!r} is not one of {', '.join(models.available_models())}.")
+    size = int(image_size or cc["pretrained_cfg"]["input_size"][-1])
+    drop = drop_rate if drop_rate is not None else cc.get("drop_rate")
+    model = models.create_model(name, list(labels), pretrained=False, image_size=size, drop_rate=drop)
+    same = [str(x) for x in cc["labels"]] == [str(x) for x in labels]
+    head = _classifier_prefix(model) + "."
+    state = {k: v for k, v in old.state_dict().items() if same or not k.startswith(head)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(head) for k in missing):
+        raise ValueError(f"--init-from {source}: its weights do not fit a {name} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    if freeze_backbone:
+        models.freeze_backbone_layers(model)
+    model.cellhub_config.update(pretrained=bool(cc.get("pretrained")), base_model=cc.get("base_model"),
+                                freeze_backbone=bool(freeze_backbone),
+                                init_from=public_dataset_name(source, "checkpoint"))
+    if notes is not None:
+        notes.append(f"initialised from {public_dataset_name(source, 'checkpoint')} ({name}, "
+                     + ("same labels: every weight kept)" if same else
+                        f"labels {list(cc['labels'])} -> {list(labels)}: new classifier head)"))
+    return model
 
 
 def cache_size(ds: Any, size: int) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import data, metrics, models, transforms
 from .config import TrainConfig
-from .pipeline import (EVAL_ORDER, PreparedData, auto_workers, cache_size, evaluate_splits, prepare_splits, public_dataset_name,
+from .pipeline import (EVAL_ORDER, PreparedData, auto_workers, cache_size, model_from_checkpoint, evaluate_splits, prepare_splits, public_dataset_name,
                        summarise, write_checkpoint)
 from .state import (CHECKPOINT_DIRNAME, load_training_state, restore_rng_state, save_training_state, state_dict_cpu,
                     unflatten_optimizer)
@@ -74,6 +74,8 @@ class _Run:
     groups: dict[str, list[str]]
     image_size: int
     n_workers: int
+    #: the registry name of what trains (the checkpoint's with --init-from, else cfg.model)
+    model_name: str
 
 
 def _score(m: dict[str, float], metric: str) -> float:
@@ -175,8 +177,13 @@ def _setup(cfg: TrainConfig) -> _Run:
                               seed=cfg.seed, max_train_samples=cfg.max_train_samples,
                               max_eval_samples=cfg.max_eval_samples, progress=cfg.progress and is_main,
                               notes=cfg.notes)
-    model = models.create_model(cfg.model, prepared.labels, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                                freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate)
+    if cfg.init_from:
+        model = model_from_checkpoint(cfg.init_from, prepared.labels, image_size=cfg.image_size,
+                                      freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate,
+                                      notes=prepared.notes)
+    else:
+        model = models.create_model(cfg.model, prepared.labels, pretrained=cfg.pretrained, image_size=cfg.image_size,
+                                    freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate)
     model.cellhub_config["task"] = model.cellhub_config.get("task") or prepared.task
     dcfg = transforms.resolve_data_config(model)
     size = int(dcfg["input_size"][-1])
@@ -217,7 +224,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     return _Run(cfg=cfg, accelerator=accelerator, is_main=is_main, channels_last=channels_last, mixed_precision=mp,
                 prepared=prepared, model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer,
                 scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders, groups=groups,
-                image_size=size, n_workers=n_workers)
+                image_size=size, n_workers=n_workers, model_name=str(model.cellhub_config["model_name"]))
 
 
 def _resume(run: _Run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -258,7 +265,7 @@ def _log_start(run: _Run) -> None:
     cfg, acc = run.cfg, run.accelerator
     logger.info("Training %s on %s (%s): %d train / %d validation images, %d epochs, batch %d per device, "
                 "%s, %d worker(s), %d thread(s), %s, channels_last=%s",
-                cfg.model, run.prepared.task, cfg.dataset, len(run.prepared.splits["train"]),
+                run.model_name, run.prepared.task, cfg.dataset, len(run.prepared.splits["train"]),
                 len(run.prepared.splits["validation"]), cfg.epochs, cfg.batch_size,
                 f"{acc.num_processes} x {acc.device}", run.n_workers, torch.get_num_threads(),
                 f"mixed precision {run.mixed_precision}", run.channels_last)
@@ -319,10 +326,12 @@ def _evaluate_and_save(run: _Run, history: list[dict[str, Any]], best_epoch: int
     results = evaluate_splits(probs, run.groups, run.prepared.labels, n_boot=cfg.n_boot, seed=cfg.seed)
     cc = run.raw_model.cellhub_config
     summary = summarise(results, probs["validation"], run.prepared, abstention_target=cfg.abstention_target,
-                        t_start=t_start, model=cfg.model, pretrained=bool(cc.get("pretrained")),
+                        t_start=t_start, model=run.model_name, pretrained=bool(cc.get("pretrained")),
                         best_epoch=best_epoch, select_metric=cfg.select_metric)
     if run.is_main:
-        recipe = dict(cfg.recipe(), dataset=public_dataset_name(cfg.dataset, run.prepared.report.source_kind),
+        recipe = dict(cfg.recipe(), model=run.model_name,
+                      init_from=public_dataset_name(cfg.init_from, "checkpoint") if cfg.init_from else None,
+                      dataset=public_dataset_name(cfg.dataset, run.prepared.report.source_kind),
                       task=run.prepared.task, pretrained=bool(cc.get("pretrained")), drop_rate=cc.get("drop_rate"),
                       image_size=run.image_size, channels_last=run.channels_last,
                       optimizer="AdamW", schedule="cosine with linear warm-up",
@@ -331,7 +340,7 @@ def _evaluate_and_save(run: _Run, history: list[dict[str, Any]], best_epoch: int
                       best_epoch=best_epoch, notes=run.prepared.notes, mixed_precision=run.mixed_precision,
                       n_train_images=len(run.prepared.splits["train"]), devices=run.accelerator.num_processes)
         model = run.raw_model.to(memory_format=torch.contiguous_format) if run.channels_last else run.raw_model
-        write_checkpoint(model, cfg.output_dir, summary, recipe, title=f"{cfg.model} on {run.prepared.task}",
+        write_checkpoint(model, cfg.output_dir, summary, recipe, title=f"{run.model_name} on {run.prepared.task}",
                          history=history)
         logger.info("Best epoch %d.", best_epoch)
     return summary
