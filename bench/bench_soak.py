@@ -20,12 +20,10 @@ the baseline being the same server's own RSS after warm-up.
 """
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile

@@ -121,6 +121,18 @@ class BatchResult:
             cols += [f"{m} label", f"{m} confidence"]
         return cols + ["consensus", "agreement", "uncertain", "reasons"]
 
+    def add(self, name: str, preds: dict[str, Prediction], *, keep: bool = True) -> Consensus:
+        """Count one image's predictions (and keep them, with ``keep``); returns their consensus."""
+        cons = consensus(list(preds.values()))
+        self.n_predicted += 1
+        self.label_counts[cons.label] += 1
+        self.n_uncertain += bool(cons.uncertain)
+        if keep:
+            self.files.append(name)
+            self.predictions.append(preds)
+            self.consensus.append(cons)
+        return cons
+
     def row(self, name: str, preds: dict[str, Prediction], cons: Consensus) -> list[Any]:
         """One CSV row (the columns of :meth:`header`)."""
         row: list[Any] = [name]
@@ -224,14 +236,7 @@ def predict_files(
             }
             chunk_preds = [{m: per_model[m][i] for m in names} for i in range(len(images))]
             for ref, preds in zip(good_refs, chunk_preds):
-                cons = consensus(list(preds.values()))
-                result.n_predicted += 1
-                result.label_counts[cons.label] += 1
-                result.n_uncertain += bool(cons.uncertain)
-                if keep_results:
-                    result.files.append(ref.name)
-                    result.predictions.append(preds)
-                    result.consensus.append(cons)
+                result.add(ref.name, preds, keep=keep_results)
             if on_chunk is not None:
                 on_chunk(good_refs, images, chunk_preds)
         if progress:
