@@ -641,6 +641,13 @@ class _StopSignals:
         demo.block_thread()  # returns once the server is closed
 
 
+def _file_registries(demo: gr.Blocks) -> list[set[str]]:
+    """Gradio's in-memory sets of served and uploaded file paths (each component's ``temp_files``,
+    the app's upload sets), so that files the janitor deleted are forgotten there too."""
+    sets = [b.temp_files for b in demo.blocks.values() if isinstance(getattr(b, "temp_files", None), set)]
+    return sets + [s for s in getattr(demo, "temp_file_sets", []) if isinstance(s, set)]
+
+
 def _load_and_build(args: argparse.Namespace, out_dir: Path) -> tuple[gr.Blocks, ServingPlan]:
     """Load every model once, report what loaded, plan the workers and queue, build the app."""
     sources = model_sources(args.models, bundled=not args.no_bundled)
@@ -677,8 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo, plan = _load_and_build(args, out_dir)
         print(f"Serving plan: {plan.describe()}; uploads and outputs kept under {args.cache_max_mb:g} MB in "
               f"{cache_root}")
-        janitor = CacheJanitor(cache_root, int(args.cache_max_mb * 2**20), on_deleted=lambda paths: forget_files(
-            [b.temp_files for b in demo.blocks.values() if isinstance(getattr(b, "temp_files", None), set)], paths))
+        janitor = CacheJanitor(cache_root, int(args.cache_max_mb * 2**20),
+                               on_deleted=lambda paths: forget_files(_file_registries(demo), paths))
         _, local_url, share_url = demo.launch(
             server_name=args.host,
             server_port=args.port,

@@ -232,6 +232,8 @@ def run(args) -> list[C.Result]:
         "p95_ms": C.percentile([e[1] for e in rec.events if e[2]], 95) * 1000,
         "rss_start_mb": rss[0], "rss_base_mb": base_row["rss_mb"], "rss_end_mb": rss[-1],
         "rss_band_after_base": f"{min(after) / base_row['rss_mb'] - 1:+.1%}..{max(after) / base_row['rss_mb'] - 1:+.1%}",
+        # the spread of RSS from the base minute on, as +-% around its middle (the "within +-5%")
+        "rss_halfspread_pct": 100 * (max(after) - min(after)) / (max(after) + min(after)),
         "cache_max_mb": max(r["cache_mb"] for r in rows), "cache_cap_mb": args.cache_max_mb,
         **burst_fields, "burst_clients": burst, "burst_requests_each": args.burst_requests, **end,
         "ready_s": ready_s, "load": C.load_average(),
