@@ -28,6 +28,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "atomic_write_json",
+    "cached_json",
 ]
 
 logger = logging.getLogger(__name__)

@@ -266,14 +266,14 @@ def collect_images(
             for child in sorted(path.rglob("*")):
                 if child.is_file():
                     rel = child.relative_to(path).as_posix()
-                    if child.suffix.lower() in IMAGE_EXTENSIONS:
+                    if is_image_file(child):
                         refs.append(ImageRef(name=f"{label}/{rel}", path=child))
                     elif not child.name.startswith("."):
                         skipped.append((f"{label}/{rel}", f"not an image file ({child.suffix or 'no extension'})"))
         elif not path.exists():
             skipped.append((label, "no such file"))
         elif path.suffix.lower() in ARCHIVE_EXTENSIONS or (
-            path.suffix.lower() not in IMAGE_EXTENSIONS and zipfile.is_zipfile(path)
+            not is_image_file(path) and zipfile.is_zipfile(path)
         ):
             try:
                 more, bad = list_zip_images(path, limits=limits, label=label)

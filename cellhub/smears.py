@@ -61,7 +61,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import cache
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, is_image_file
 
 __all__ = [
     "MatchParams",
@@ -316,7 +316,7 @@ def _map(fn, items: Sequence, workers: int, progress: bool, desc: str) -> list:
 
 
 def _list_images(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in directory.iterdir() if p.is_file() and is_image_file(p))
 
 
 def _resolve_smear_dir(smear_dir: str | os.PathLike) -> tuple[Path, list[Path]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import smears
 from ..cache import cached_json, files_key
-from ..images import IMAGE_EXTENSIONS
+from ..images import is_image_file
 from ..tasks import Task, malaria_group
 from .report import LoadReport
 
@@ -36,7 +36,7 @@ def _fallback_groups(paths: list[str], cache_dir: Path | None, progress: bool) -
 
 def _smear_fields_cached(smear_dir: Path, cache_dir: Path | None, progress: bool) -> dict[str, str]:
     """:func:`cellhub.smears.smear_fields` (smear id -> field id), cached by the smears' identity."""
-    files = sorted(p for p in Path(smear_dir).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in Path(smear_dir).iterdir() if is_image_file(p))
     cache_file = (Path(cache_dir) / "groups" / f"fields-{files_key(files, resolve=True)}.json"
                   if cache_dir is not None else None)
 

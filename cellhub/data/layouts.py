@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..images import IMAGE_EXTENSIONS
+from ..images import is_image_file
 from ..tasks import TASKS, Task, get_task
 from .report import DatasetLayoutError
 
@@ -57,7 +57,7 @@ def _subdirs(path: Path) -> list[Path]:
 def has_image_files(path: Path) -> bool:
     try:
         with os.scandir(path) as it:
-            return any(e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS for e in it)
+            return any(e.is_file() and is_image_file(e.name) for e in it)
     except OSError:
         return False
 

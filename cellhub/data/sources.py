@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..cache import atomic_write_json, default_cache_dir, file_identity, read_json
-from ..images import IMAGE_EXTENSIONS, check_image
+from ..images import check_image, is_image_file
 from ..tasks import TASKS, Task, get_task, malaria_group
 from .groups import groups_for
 from .layouts import SPLIT_ORDER, expected_text, find_layout, find_smear_dir, is_hidden, pick_task, split_name
@@ -97,7 +97,7 @@ def _collect_split(entries: list[tuple[str, Path, list[Path]]], task: Task, repo
                     if tree is not d and rel in seen:
                         report.ignored_duplicates += 1
                         continue
-                    if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                    if not is_image_file(p):
                         report.skipped.append((str(p), f"not an image file (extension {p.suffix or 'none'!r})"))
                         continue
                     seen.add(rel)
