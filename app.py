@@ -272,19 +272,14 @@ def models_for(state: AppState, task: str | None) -> list[Predictor]:
 
 
 def prune_outputs(state: AppState, max_age: float = 3600.0, every: float = 60.0) -> None:
-    """Delete overlays and CSVs older than ``max_age`` seconds (Gradio has its own copies),
-    at most once every ``every`` seconds, so a long-running server does not fill its disk."""
+    """Delete overlays and CSVs older than ``max_age`` seconds, at most once every ``every``
+    seconds, so an app built without ``main()`` (no :class:`CacheJanitor` on Gradio's folder)
+    does not fill its disk either. The same sweep as the janitor's, by age only."""
     now = time.monotonic()
     if now - state.last_prune < every:
         return
     state.last_prune = now
-    cutoff = time.time() - max_age
-    for f in state.out_dir.glob("*"):
-        try:
-            if f.stat().st_mtime < cutoff:
-                f.unlink()
-        except OSError:
-            pass
+    CacheJanitor(state.out_dir, max_bytes=2**62, min_age=max_age, max_age=max_age, trim=False).sweep()
 
 
 def save_overlay(state: AppState, p: Predictor, img: Image.Image, pred: Prediction) -> str:

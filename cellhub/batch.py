@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 import zipfile
 from collections import Counter
@@ -25,18 +24,14 @@ from PIL import Image
 
 from .images import DEFAULT_LIMITS, ImageRef, InputError, Limits, read_image
 from .predict import Consensus, Prediction, Predictor, consensus
+from .serving import cpu_cores
 
-__all__ = ["BatchResult", "class_counts", "predict_files", "iter_decoded", "cpu_count", "ProgressFn"]
+__all__ = ["BatchResult", "class_counts", "predict_files", "iter_decoded", "ProgressFn"]
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, str], None]
 T = TypeVar("T")
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def iter_decoded(
@@ -58,7 +53,7 @@ def iter_decoded(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunks = [list(items[i : i + chunk_size]) for i in range(0, len(items), chunk_size)]
-    n_workers = max(1, workers or min(8, cpu_count() + 1))
+    n_workers = max(1, workers or min(8, cpu_cores() + 1))
     with ThreadPoolExecutor(max_workers=n_workers) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
 
         def run(chunk: list[T]) -> list[Any]:

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CacheJanitor", "InFlight", "ServingPlan", "serving_plan", "worker_plan", "forget_files", "limit_malloc_arenas", "trim_memory",
-           "folder_bytes", "cpu_cores"]
+__all__ = ["CacheJanitor", "InFlight", "ServingPlan", "serving_plan", "worker_plan", "forget_files",
+           "limit_malloc_arenas", "trim_memory", "folder_bytes", "cpu_cores"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def trim_memory() -> bool:
 
 
 def cpu_cores() -> int:
-    """CPUs this process may run on."""
+    """CPUs this process may run on (the affinity mask where the OS has one): the one count that
+    sizes the app's workers and the batch pipeline's decoding threads."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
