@@ -2,10 +2,14 @@
 
 What it checks, and why:
 
-- images and distinct groups (slide/patient, source smear) per split and class: how many
+- images and distinct groups (slide/patient, microscope field, source smear, near-duplicate copies)
+  per split and class: how many
   *independent* samples a dataset really has (the Kaggle blood-cell TRAIN split is ~10,000 crops
   of ~276 cells);
-- groups found in more than one split: such a group leaks between training and evaluation;
+- groups found in more than one split, at every level the data supports (blood-cell crops with
+  their smears: the source smear *and* the microscope field, so that a field photographed twice —
+  a re-imaged field, whose smears are different files — is named with the smears on each side):
+  such a group leaks between training and evaluation;
 - exact duplicates (same file bytes) and near-duplicates (256-bit perceptual hash, invariant to
   the eight 90-degree rotations/flips: catches resized, re-compressed, rotated/flipped copies,
   not arbitrary-angle augmentations — those are what the groups are for) across splits; within
@@ -25,12 +29,14 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
 
 from .data import load_cell_dataset, split_by_group
+from .data.groups import field_of_smears, smear_of_crops
 
 __all__ = ["audit_dataset", "format_report", "image_hashes"]
 
@@ -106,13 +112,15 @@ def _near_pairs(a: np.ndarray, b: np.ndarray, threshold: int, same: bool = False
 
 def audit_dataset(source: str | os.PathLike, task: str | None = None, *, cache_dir: str | os.PathLike | None = None,
                   smear_dir: str | os.PathLike | None = None, near_threshold: int = 20, val_fraction: float = 0.2,
-                  seed: int = 0, group_by: str = "smear", progress: bool = True) -> dict[str, Any]:
+                  seed: int = 0, group_by: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Audit ``source`` (anything :func:`cellhub.load_cell_dataset` accepts); returns a JSON-able dict.
 
     ``near_threshold`` is the largest Hamming distance (of 256 bits) between perceptual hashes
     that counts as a near-duplicate. The default (20) found every resized and re-compressed
     copy of 400 real crops and no false match among them; a 64-bit pHash does not separate cell
-    images (large uniform backgrounds) well enough.
+    images (large uniform backgrounds) well enough. ``group_by`` is the grouping of the counts and
+    of the split check (:data:`cellhub.data.groups.GROUP_BY`; ``auto`` by default); sharing across
+    splits is reported at every level under ``shared_by_level``.
     """
     t0 = time.perf_counter()
     dsd, report = load_cell_dataset(source, task, cache_dir=cache_dir, return_report=True,
@@ -123,6 +131,7 @@ def audit_dataset(source: str | os.PathLike, task: str | None = None, *, cache_d
     out: dict[str, Any] = {
         "source": str(source), "task": report.task, "source_kind": report.source_kind, "root": report.root,
         "smear_dir": report.smear_dir, "group_method": report.group_method,
+        "group_by": report.group_by, "group_by_requested": report.group_by_requested,
         "smear_attribution": report.smear_attribution, "near_duplicate_threshold": near_threshold,
         "splits": {}, "notes": list(report.notes), "ignored_nested_duplicates": report.ignored_duplicates,
     }
@@ -149,6 +158,7 @@ def audit_dataset(source: str | os.PathLike, task: str | None = None, *, cache_d
         both = sorted(set(groups[a]) & set(groups[b]))
         shared[f"{a}|{b}"] = {"count": len(both), "groups": both[:_MAX_LISTED]}
     out["shared_groups"] = shared
+    out["shared_by_level"] = _shared_by_level(dsd, report, groups, cache_dir, progress)
 
     t1 = time.perf_counter()
     md5s: dict[str, list[str]] = {}
@@ -167,6 +177,53 @@ def audit_dataset(source: str | os.PathLike, task: str | None = None, *, cache_d
     out["seconds"] = {"load": round(t_load, 2), "hash": round(t_hash, 2),
                       "total": round(time.perf_counter() - t0, 2)}
     return out
+
+
+def _levels(dsd, report, groups: dict[str, np.ndarray], cache_dir, progress: bool) -> dict[str, dict[str, list]]:
+    """split -> groups at each level: ``smear`` and ``field`` for blood-cell crops with smears, else the one used.
+
+    Also ``smear_of`` (split -> source smear per crop, ``None`` unmatched) for naming re-imaged fields."""
+    if report.group_by not in ("field", "smear") or not report.smear_dir:
+        return {report.group_by or "group": {s: list(g) for s, g in groups.items()}}
+    from datasets import Image
+
+    from .cache import default_cache_dir
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    smear_dir = Path(report.smear_dir)
+    fields = field_of_smears(smear_dir, cache, progress)
+    smear_level, field_level, smear_of = {}, {}, {}
+    for split, g in groups.items():
+        paths = [x["path"] for x in dsd[split].cast_column("image", Image(decode=False))["image"]]
+        found = smear_of_crops(paths, smear_dir, cache, progress)  # cached by the load
+        sm = [found.get(p) for p in paths]
+        smear_of[split] = sm
+        smear_level[split] = [s or grp for s, grp in zip(sm, g)]
+        field_level[split] = [f"field:{fields.get(s, s)}" if s else grp for s, grp in zip(sm, g)]
+    return {"smear": smear_level, "field": field_level, "_smear_of": smear_of}
+
+
+def _shared_by_level(dsd, report, groups: dict[str, np.ndarray], cache_dir, progress: bool) -> dict[str, Any]:
+    """Groups found in two splits, at every level; re-imaged fields named with the smears on each side."""
+    levels = _levels(dsd, report, groups, cache_dir, progress)
+    smear_of = levels.pop("_smear_of", None)
+    out: dict[str, Any] = {}
+    for level, by_split in levels.items():
+        pairs = {}
+        for a, b in combinations(list(by_split), 2):
+            both = sorted(set(by_split[a]) & set(by_split[b]))
+            entry: dict[str, Any] = {"count": len(both), "groups": both[:_MAX_LISTED]}
+            if level == "field" and smear_of is not None:
+                entry["fields"] = [_field_sides(f, a, b, by_split, smear_of) for f in both[:_MAX_LISTED]]
+            pairs[f"{a}|{b}"] = entry
+        out[level] = pairs
+    return out
+
+
+def _field_sides(field: str, a: str, b: str, by_split: dict[str, list], smear_of: dict[str, list]) -> dict[str, Any]:
+    """The smears of ``field`` on each side and whether it is a re-imaged field (different smears per side)."""
+    sides = {s: sorted({sm for sm, f in zip(smear_of[s], by_split[s]) if f == field and sm}) for s in (a, b)}
+    return {"field": field, "smears": sides, "re_imaged": not (set(sides[a]) & set(sides[b]))}
 
 
 def _duplicates(splits: list[str], md5s: dict[str, list[str]], phs: dict[str, np.ndarray],
@@ -216,8 +273,8 @@ def _split_check(train, ph: np.ndarray, grp: np.ndarray, threshold: int, val_fra
     """Near-duplicate pairs across the grouped validation split vs. a random split of the same size."""
     ds = train.add_column("_row", list(range(len(train))))
     parts = split_by_group(ds, val_fraction=val_fraction, seed=seed)
-    tr_idx = np.asarray(list(parts["train"]["_row"]))
-    va_idx = np.asarray(list(parts["validation"]["_row"]))
+    tr_idx = np.asarray(list(parts["train"]["_row"]), dtype=np.int64)
+    va_idx = np.asarray(list(parts["validation"]["_row"]), dtype=np.int64)
     grouped = _near_pairs(ph[va_idx], ph[tr_idx], threshold) if len(va_idx) else []
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(train))
@@ -232,6 +289,26 @@ def _split_check(train, ph: np.ndarray, grp: np.ndarray, threshold: int, val_fra
         "near_duplicate_pairs_across_random_split": len(random_pairs),
         "validation_images_with_a_near_duplicate_in_train_random": len({i for i, _, _ in random_pairs}),
     }
+
+
+def _format_levels(levels: dict[str, Any]) -> list[str]:
+    """Sharing per level; re-imaged fields named, with what they mean."""
+    if len(levels) < 2:
+        return []
+    lines = []
+    for level, pairs in levels.items():
+        for key, v in pairs.items():
+            a, b = key.split("|")
+            lines.append(f"  {level}s in both {a} and {b}: {v['count']}")
+            for f in v.get("fields", []):
+                kind = "re-imaged field" if f["re_imaged"] else "same smear"
+                lines.append(f"    {f['field']}: {kind}: {a} smears {', '.join(f['smears'][a]) or '-'}; "
+                             f"{b} smears {', '.join(f['smears'][b]) or '-'}")
+    if any(f["re_imaged"] for pairs in levels.values() for v in pairs.values() for f in v.get("fields", [])):
+        lines.append("    a re-imaged field is one area of the slide photographed in two smears: the cells cut from "
+                     "them can be the same cell, so the split leaks although no smear is shared. Group by field "
+                     "(the default) when you split or evaluate.")
+    return lines
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -253,11 +330,14 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"    {s['unmatched_images']} images matched no smear (fallback groups 'unmatched:...')")
         if s.get("groups_with_several_labels"):
             lines.append(f"    {s['groups_with_several_labels']} groups hold images of more than one class")
-    lines.append("")
+    lines.append(f"\ngrouping: {r.get('group_by')} ("
+                 + ("the default for this data; change with --group-by)" if r.get("group_by_requested") == "auto"
+                    else "--group-by)"))
     for key, v in r["shared_groups"].items():
         a, b = key.split("|")
         ex = f" e.g. {', '.join(v['groups'][:5])}" if v["groups"] else ""
         lines.append(f"groups in both {a} and {b}: {v['count']}{ex}")
+    lines += _format_levels(r.get("shared_by_level", {}))
     for split, v in r["exact_duplicates_within_split"].items():
         lines.append(f"exact duplicates within {split}: {v['sets']} sets ({v['extra_copies']} extra copies)")
     for split, v in r.get("near_duplicates_within_split", {}).items():

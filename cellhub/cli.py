@@ -49,6 +49,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _add_audit(subparsers: Any) -> None:
     from . import audit  # light (numpy, PIL): its docstring is the command's description
+    from .tasks import GROUP_BY
 
     p = subparsers.add_parser(
         "audit", help="count images and groups per split, find leaks and duplicates",
@@ -62,9 +63,10 @@ def _add_audit(subparsers: Any) -> None:
     p.add_argument("--threshold", type=int, default=20,
                    help="largest Hamming distance between 256-bit perceptual hashes counted as a "
                         "near-duplicate (default 20)")
-    p.add_argument("--group-by", choices=["smear", "field"], default="smear",
-                   help="blood cells: group crops by source smear, or by microscope field (smears showing "
-                        "overlapping areas share a group; stricter)")
+    p.add_argument("--group-by", choices=GROUP_BY, default="auto",
+                   help="the unit that is one independent sample: auto (default: field when the full smears are "
+                        "beside blood-cell crops, patient for malaria, else near-duplicates), field, smear, patient, "
+                        "near-duplicates (copies of one cell), file (every image distinct), none")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_audit)
 
@@ -76,11 +78,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     try:
         m = run_evaluate(args.checkpoint, args.data, args.split, batch_size=args.batch_size, n_boot=args.n_boot,
-                         seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress)
+                         seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress,
+                         group_by=args.group_by, smear_dir=args.smear_dir)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_metrics_table(m, title=f"{m['model'] or 'model'} ({args.checkpoint}) on {args.data} [{m['split']}]"))
+    g = m["grouping"]
+    how = "the default for this data; change with --group-by" if g["requested"] == "auto" else "--group-by"
+    print(f"\ngroups: {g['method']} ({how}): {m['n_groups']} groups of {m['n_images']} images")
     if m["skipped_files"]:
         print(f"\nnote: {m['skipped_files']} unreadable file(s) were skipped (see the log).")
     if args.json:
@@ -89,6 +95,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(subparsers: Any) -> None:
+    from .tasks import GROUP_BY
+
     p = subparsers.add_parser(
         "evaluate",
         help="metrics of a checkpoint on a dataset (grouped bootstrap CI)",
@@ -105,6 +113,12 @@ def _add_evaluate(subparsers: Any) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CI (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--cache-dir", default=None, help="cache for dataset validation / smear matching")
+    p.add_argument("--group-by", choices=GROUP_BY, default="auto",
+                   help="the unit that is one independent sample: auto (default: field when the full smears are "
+                        "beside blood-cell crops, patient for malaria, else near-duplicates), field, smear, patient, "
+                        "near-duplicates (copies of one cell), file (every image distinct), none")
+    p.add_argument("--smear-dir", default=None, help="blood cells: folder of full smears (default: found next to "
+                                                      "the crops)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_evaluate)
 

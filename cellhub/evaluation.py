@@ -137,15 +137,20 @@ def select_split(dsd: Any, split: str | None, source: str = "the data") -> tuple
 
 
 def run_evaluate(checkpoint: str, data: str, split: str | None = None, *, batch_size: int = 64, n_boot: int = 1000,
-                 seed: int = 0, cache_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Load a checkpoint and a dataset, evaluate one split, return the metrics (plus provenance)."""
+                 seed: int = 0, cache_dir: str | None = None, progress: bool = True, group_by: str = "auto",
+                 smear_dir: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint and a dataset, evaluate one split, return the metrics (plus provenance).
+
+    ``group_by`` is the unit the interval resamples and the per-group vote counts
+    (:data:`cellhub.data.groups.GROUP_BY`); the one used is returned under ``grouping``."""
     model = load_pretrained(checkpoint)
     task = (getattr(model, "cellhub_config", None) or {}).get("task")
     dsd, report = data_mod.load_cell_dataset(data, task=task, cache_dir=cache_dir, return_report=True,
-                                             progress=progress)
+                                             progress=progress, group_by=group_by, smear_dir=smear_dir)
     name, ds = select_split(dsd, split, source=str(data))
     if len(ds) == 0:
         raise ValueError(f"Split {name!r} of {data} has no images.")
+    split_key = name
     if not report.named_splits and split is None:
         name = "all"  # a folder without split folders is scored whole: not a "train" split
     m = evaluate_model(model, ds, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
@@ -156,5 +161,7 @@ def run_evaluate(checkpoint: str, data: str, split: str | None = None, *, batch_
         "task": report.task,
         "model": (getattr(model, "cellhub_config", None) or {}).get("model_name"),
         "skipped_files": len(report.skipped),
+        "grouping": {"requested": report.group_by_requested, "group_by": report.group_by,
+                     "method": report.group_method.get(split_key, report.group_by)},
     })
     return m

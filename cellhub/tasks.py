@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
-__all__ = ["Task", "TASKS", "get_task", "malaria_group", "TASK_NAMES"]
+__all__ = ["Task", "TASKS", "get_task", "malaria_group", "TASK_NAMES", "GROUP_BY", "GROUP_METHOD_TEXT"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,23 @@ def get_task(name: str | Task) -> Task:
     if key not in TASKS:
         raise ValueError(f"Unknown task {name!r}. Choose one of: {', '.join(TASKS)}.")
     return TASKS[key]
+
+
+#: ``group_by`` choices: the unit a split must not cut (see :mod:`cellhub.data.groups`)
+GROUP_BY: tuple[str, ...] = ("auto", "field", "smear", "patient", "near-duplicates", "file", "none")
+
+#: what each ``report.group_method`` value means, for reports, dataset cards and model cards
+GROUP_METHOD_TEXT: dict[str, str] = {
+    "field": "microscope field of each crop (crops matched to the full smears; smears of one field merged)",
+    "smear": "source smear of each crop (crops matched to the full smears of the download)",
+    "field+near-duplicates": "microscope field where a crop matched a smear; other crops grouped as near-duplicates",
+    "smear+near-duplicates": "source smear where a crop matched one; other crops grouped as near-duplicates",
+    "near-duplicates": "copies of one cell (rotated, mirrored, shifted, resized) grouped by image signature",
+    "patient": "slide/patient prefix of the file name (C100P61 = slide 100, patient 61)",
+    "column": "group column of the source dataset",
+    "file": "each image is its own group",
+    "none": "no grouping: images assumed independent",
+}
 
 
 _MALARIA_GROUP = re.compile(r"^(C\d+P\d+|C\d+)", re.IGNORECASE)

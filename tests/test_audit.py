@@ -101,3 +101,32 @@ def test_audit_cli_errors_are_clear(tmp_path, capsys):
     assert "empty folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["audit", str(tmp_path), "--task", "dogs"])
+
+
+def test_audit_names_re_imaged_fields(tmp_path, monkeypatch):
+    """A field photographed in a TRAIN smear and again in a TEST smear: no smear is shared, the field is."""
+    from cellhub import smears
+
+    root = synthetic.write_kaggle_blood_cells(tmp_path / "b", n_cells_per_class=1, copies=2, splits=("TRAIN", "TEST"),
+                                              image_size=(64, 48), smear_size=(160, 120))
+    truth = {str((root / k).resolve()): v for k, v in json.loads((root / "_truth.json").read_text()).items()}
+    monkeypatch.setattr(smears, "match_crops_to_smears",
+                        lambda paths, smear_dir, **kw: {str(p): truth.get(str(Path(p).resolve())) for p in paths})
+    train_smear = next(v for k, v in truth.items() if "/TRAIN/" in k)
+    test_smear = next(v for k, v in truth.items() if "/TEST/" in k)
+    field = min(train_smear, test_smear)
+    monkeypatch.setattr(smears, "smear_fields", lambda smear_dir, progress=True: {
+        s: (field if s in (train_smear, test_smear) else s) for s in set(truth.values())})
+    r = audit_dataset(root, progress=False)
+    assert r["group_by"] == "field" and r["group_by_requested"] == "auto"
+    levels = r["shared_by_level"]
+    assert levels["smear"]["train|test"]["count"] == 0
+    assert levels["field"]["train|test"]["count"] == 1
+    assert levels["field"]["train|test"]["fields"] == [
+        {"field": f"field:{field}", "smears": {"train": [train_smear], "test": [test_smear]}, "re_imaged": True}]
+    assert r["shared_groups"]["train|test"]["count"] == 1  # the default grouping (field) sees it too
+    text = format_report(r)
+    assert f"field:{field}: re-imaged field: train smears {train_smear}; test smears {test_smear}" in text
+    by_smear = audit_dataset(root, group_by="smear", progress=False)
+    assert by_smear["shared_groups"]["train|test"]["count"] == 0  # ...while smear grouping alone misses it
+    assert by_smear["shared_by_level"]["field"]["train|test"]["count"] == 1  # but the report still names it

@@ -88,22 +88,6 @@ def test_blood_label_order_groups_and_files(blood_root, truth_matcher):
     assert isinstance(img, Image.Image) and img.size == (64, 48)
 
 
-def test_blood_without_smears_warns_and_falls_back(tmp_path, monkeypatch, caplog):
-    from cellhub import smears
-
-    root = synthetic.write_kaggle_blood_cells(tmp_path / "b", n_cells_per_class=1, copies=2, splits=("TRAIN", "TEST"),
-                                              image_size=(48, 48), with_smears=False, smear_size=(120, 90))
-    monkeypatch.setattr(smears, "fallback_groups",
-                        lambda paths, progress=True: {str(p): f"{Path(p).parent.name}/cell-0" for p in paths})
-    with caplog.at_level(logging.WARNING, logger="cellhub.data"):
-        dsd, report = load_cell_dataset(root, return_report=True, progress=False)
-    assert "No full smears" in caplog.text and "weaker grouping" in caplog.text
-    assert report.smear_dir is None and report.group_method == {"train": "fallback", "test": "fallback"}
-    # fallback groups are per split: they must not make train and test look like they share cells
-    assert set(dsd["train"]["group"]).isdisjoint(set(dsd["test"]["group"]))
-    assert set(dsd["train"]["group"]) == {f"train/{f}/cell-0" for f in synthetic.BLOOD_FOLDERS.values()}
-
-
 def test_real_smear_matcher_attributes_crops_to_their_own_smear(tmp_path):
     root = synthetic.write_kaggle_blood_cells(tmp_path / "b", n_cells_per_class=1, copies=2, splits=("TRAIN",))
     dsd, report = load_cell_dataset(root, return_report=True, progress=False,

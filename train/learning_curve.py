@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
+from cellhub.tasks import GROUP_BY  # noqa: E402
 from cellhub.metrics import format_ci  # noqa: E402
 from cellhub.training import TrainConfig, fit  # noqa: E402
 from cellhub.training.pipeline import prepare_splits  # noqa: E402
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--group-by", choices=GROUP_BY, default="auto",
+                   help="the unit no split may cut (default auto: field with smears, patient for malaria, "
+                        "else near-duplicates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--cache-dir", default=None)
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_splits(args.dataset, cache_dir=args.cache_dir, val_fraction=args.val_fraction,
-                              seed=args.seed, progress=not args.no_progress)
+                              seed=args.seed, progress=not args.no_progress, group_by=args.group_by)
     train, val = prepared.splits["train"], prepared.splits["validation"]
     names = prepared.labels
     points = []

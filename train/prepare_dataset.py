@@ -25,6 +25,7 @@ from typing import Any, Sequence
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from cellhub.data import DatasetLayoutError, LoadReport, load_cell_dataset  # noqa: E402
+from cellhub.tasks import GROUP_BY, GROUP_METHOD_TEXT  # noqa: E402
 from cellhub.tasks import TASK_NAMES, get_task  # noqa: E402
 
 logger = logging.getLogger("prepare_dataset")
@@ -55,6 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
     p.add_argument("--max-shard-mb", type=int, default=500, help="largest Parquet shard, in MB (default 500)")
     p.add_argument("--smear-dir", default=None, help="blood cells: folder of full smears (default: found)")
+    p.add_argument("--group-by", choices=GROUP_BY, default="auto",
+                   help="the unit no split may cut (default auto: field with smears, patient for malaria, "
+                        "else near-duplicates)")
     p.add_argument("--cache-dir", default=None, help="cellhub cache (default: $CELLHUB_CACHE or ~/.cache/cellhub)")
     args = p.parse_args(argv)
     if args.push_to_hub is None and args.output_dir is None:
@@ -111,7 +115,7 @@ def dataset_card(dsd, report: LoadReport, repo_id: str | None) -> str:
     for split, method in report.group_method.items():
         att = report.smear_attribution.get(split)
         extra = f"; {att:.1%} of images traced to their source smear" if att is not None else ""
-        body.append(f"- {split}: {_METHOD_TEXT.get(method, method)}{extra}.")
+        body.append(f"- {split}: {GROUP_METHOD_TEXT.get(method, method)}{extra}.")
     if report.skipped:
         body += ["", f"{len(report.skipped)} unreadable files of the download were left out."]
     body += [
@@ -123,14 +127,6 @@ def dataset_card(dsd, report: LoadReport, repo_id: str | None) -> str:
     return "\n".join(yaml + body)
 
 
-_METHOD_TEXT = {
-    "smear": "source smear of each crop (crops matched to the full smears of the download)",
-    "smear+fallback": "source smear where a crop matched one; other crops grouped with each other (weaker)",
-    "fallback": "crops grouped with each other by feature matching, without smears (weaker)",
-    "filename-prefix": "slide/patient prefix of the file name (C100P61 = slide 100, patient 61)",
-    "column": "group column of the source dataset",
-    "per-image": "unknown: each image is its own group",
-}
 
 
 def write_repo_folder(dsd, report: LoadReport, out_dir: str | Path, *, repo_id: str | None = None,
@@ -186,8 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         dsd, report = load_cell_dataset(args.path, args.task, cache_dir=args.cache_dir, smear_dir=args.smear_dir,
-                                        return_report=True)
-    except (DatasetLayoutError, FileNotFoundError) as exc:
+                                        return_report=True, group_by=args.group_by)
+    except (DatasetLayoutError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     max_bytes = args.max_shard_mb * 2**20

@@ -24,8 +24,12 @@ class LoadReport:
     #: (path, reason) of every file that was not loaded
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: split -> how its groups were computed
-    #: (smear | field | smear+fallback | field+fallback | fallback | filename-prefix | column | per-image)
+    #: (field | smear | field+near-duplicates | smear+near-duplicates | patient | near-duplicates | file |
+    #: none | column)
     group_method: dict[str, str] = field(default_factory=dict)
+    #: the grouping asked for ("auto" unless the caller chose one) and the one used
+    group_by_requested: str = "auto"
+    group_by: str = ""
     #: split -> fraction of images attributed to a source smear (blood cells with smears only)
     smear_attribution: dict[str, float] = field(default_factory=dict)
     smear_dir: str | None = None

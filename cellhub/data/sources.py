@@ -21,7 +21,7 @@ import numpy as np
 from ..cache import atomic_write_json, default_cache_dir, file_identity, read_json
 from ..images import check_image, is_image_file
 from ..tasks import TASKS, Task, get_task, malaria_group
-from .groups import groups_for
+from .groups import GROUP_BY, groups_for
 from .layouts import SPLIT_ORDER, expected_text, find_layout, find_smear_dir, is_hidden, pick_task, split_name
 from .report import DatasetLayoutError, LoadReport
 
@@ -106,7 +106,7 @@ def _collect_split(entries: list[tuple[str, Path, list[Path]]], task: Task, repo
 
 
 def _load_local(path: Path, task: Task | None, cache_dir: Path | None, smear_dir: Path | None,
-                progress: bool, report: LoadReport, group_by: str = "smear"):
+                progress: bool, report: LoadReport, group_by: str = "auto"):
     from datasets import Dataset, DatasetDict
 
     path = Path(os.path.abspath(path))
@@ -250,17 +250,7 @@ def _normalize_external(dsd, task: Task | None, report: LoadReport, *, source: s
                 column = paths_only[:][img_col]  # a pyarrow table slice: respects select()/shuffle()
                 img_paths = column.combine_chunks().field("path").to_pylist()
             files = [Path(p).name if p else f"{split}/{i:06d}" for i, p in enumerate(img_paths)]
-        if "group" in ds.column_names:
-            groups = [str(g) for g in ds["group"]]
-            report.group_method[split] = "column"
-        elif task.name == "malaria":
-            groups = [malaria_group(f) for f in files]
-            report.group_method[split] = "filename-prefix"
-        else:
-            logger.warning("%s split %r has no group column: each image is its own group, so a validation "
-                           "split cannot keep copies of one cell together.", source, split)
-            groups = [f"image:{f}" for f in files]
-            report.group_method[split] = "per-image"
+        groups = _external_groups(ds, files, task, report, split, source)
         ds = ds.select_columns([img_col])
         if img_col != "image":
             ds = ds.rename_column(img_col, "image")
@@ -269,6 +259,27 @@ def _normalize_external(dsd, task: Task | None, report: LoadReport, *, source: s
         out[split] = ds
         report.splits[split] = len(ds)
     return DatasetDict(out), task
+
+
+def _external_groups(ds, files: list[str], task: Task, report: LoadReport, split: str, source: str) -> list[str]:
+    """Groups of a Hub / Parquet / saved split: its ``group`` column, the malaria prefix, or one per image."""
+    asked = report.group_by_requested
+    if asked in ("field", "smear", "near-duplicates"):
+        raise ValueError(f"group_by={asked!r} works on local image folders (it reads the image files); {source} is a "
+                         "saved or Hub dataset. Use its group column (auto), patient (malaria), file or none.")
+    if asked == "patient" and task.name != "malaria":
+        raise ValueError(f"group_by='patient' does not apply to task {task.name!r}. Choices: auto, file, none.")
+    if asked == "auto" and "group" in ds.column_names:
+        report.group_by = report.group_method[split] = "column"
+        return [str(g) for g in ds["group"]]
+    if asked == "patient" or (asked == "auto" and task.name == "malaria"):
+        report.group_by = report.group_method[split] = "patient"
+        return [malaria_group(f) for f in files]
+    if asked == "auto":
+        logger.warning("%s split %r has no group column: each image is its own group, so a validation "
+                       "split cannot keep copies of one cell together.", source, split)
+    report.group_by = report.group_method[split] = "none" if asked == "none" else "file"
+    return [f"image:{f}" for f in files]
 
 
 def _pick_column(ds, names: Sequence[str], feature_type) -> str | None:
@@ -295,7 +306,7 @@ def _is_parquet_folder(path: Path) -> bool:
 
 def load_cell_dataset(source: str | os.PathLike, task: str | Task | None = None, *,
                       cache_dir: str | os.PathLike | None = None, return_report: bool = False,
-                      smear_dir: str | os.PathLike | None = None, group_by: str = "field", progress: bool = True):
+                      smear_dir: str | os.PathLike | None = None, group_by: str = "auto", progress: bool = True):
     """Load a cell-image dataset as a ``DatasetDict`` with ``image``, ``label``, ``group``, ``file``.
 
     Args:
@@ -308,10 +319,12 @@ def load_cell_dataset(source: str | os.PathLike, task: str | Task | None = None,
         return_report: also return a :class:`LoadReport` (skipped files, grouping, layout).
         smear_dir: folder of full smears for blood-cell grouping; found automatically next to a
             Kaggle download (``dataset-master/dataset-master/JPEGImages``).
-        group_by: blood cells with smears: ``"field"`` (default: smears that show overlapping
-            areas of one slide — consecutive frames, where Kaggle cut the same cell twice — share
-            a group; computed once, cached) or ``"smear"`` (the source smear of each crop: one
-            group per cut cell, which still lets the few twice-cut cells leak across a split).
+        group_by: the unit a split must not cut (:data:`cellhub.data.groups.GROUP_BY`): ``"auto"``
+            (default: ``"field"`` for blood cells with smears — smears that show overlapping areas
+            of one slide share a group —, ``"patient"`` for malaria, ``"near-duplicates"``
+            otherwise), ``"field"``, ``"smear"``, ``"patient"``, ``"near-duplicates"``, ``"file"``
+            or ``"none"``. The one used is ``report.group_by``; a choice the data cannot support
+            raises ``ValueError`` naming the ones it can.
         progress: show progress bars.
 
     Splits are ``train``, ``validation``, ``test``, ``test_simple`` — whichever exist. A file that
@@ -319,11 +332,12 @@ def load_cell_dataset(source: str | os.PathLike, task: str | Task | None = None,
     folder or an unknown class folder raises an error naming what was expected.
     """
     task_obj = get_task(task) if task is not None else None
-    if group_by not in ("smear", "field"):
-        raise ValueError(f"group_by must be 'smear' or 'field', got {group_by!r}.")
+    if group_by not in GROUP_BY:
+        raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}; got {group_by!r}.")
     src = str(source)
     path = Path(src).expanduser()
-    report = LoadReport(source=src, task=task_obj.name if task_obj else "", source_kind="")
+    report = LoadReport(source=src, task=task_obj.name if task_obj else "", source_kind="",
+                        group_by_requested=group_by)
     local_cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if path.exists():
         if not path.is_dir():

@@ -56,18 +56,32 @@ def subsample(ds: Any, n: int | None, seed: int) -> Any:
     return ds.select(idx)
 
 
+def grouping_of(report: data.LoadReport) -> dict[str, Any]:
+    """How the groups were made: the ``group_by`` asked for, the one used, the method per split."""
+    return {"requested": report.group_by_requested, "group_by": report.group_by,
+            "method": dict(report.group_method)}
+
+
+def grouping_note(report: data.LoadReport) -> str:
+    """One line for the run's notes: which grouping, chosen how."""
+    how = "the default for this data" if report.group_by_requested == "auto" else "asked for"
+    methods = ", ".join(f"{k}: {v}" for k, v in report.group_method.items())
+    return f"groups: {report.group_by or 'n/a'} ({how}; {methods})"
+
+
 def prepare_splits(dataset: str, *, task: str | None = None, cache_dir: str | None = None,
                    val_fraction: float = 0.2, seed: int = 0, max_train_samples: int | None = None,
                    max_eval_samples: int | None = None, progress: bool = True,
-                   notes: Sequence[str] = ()) -> PreparedData:
+                   notes: Sequence[str] = (), group_by: str = "auto") -> PreparedData:
     """Load ``dataset``, make sure it has a grouped validation split, subsample; say what was done in ``notes``."""
     dsd, report = data.load_cell_dataset(dataset, task=task, cache_dir=cache_dir, return_report=True,
-                                         progress=progress)
+                                         progress=progress, group_by=group_by)
     if "train" not in dsd:
         raise ValueError(f"{dataset!r} has no 'train' split (splits: {', '.join(dsd)}); "
                          "training needs one. Evaluate it with `python -m cellhub evaluate` instead.")
     labels = list(dsd["train"].features["label"].names)
     notes = list(notes)
+    notes.append(grouping_note(report))
     had_validation = "validation" in dsd
     dsd = data.ensure_validation(dsd, val_fraction=val_fraction, seed=seed)
     if not had_validation:
@@ -220,6 +234,7 @@ def summarise(results: Mapping[str, dict[str, Any]], val_probs: tuple[np.ndarray
                            "train_images_evaluated": results["train"]["n_images"]},
         "n_train_images": len(train),
         "n_train_groups": len(set(map(str, train["group"]))),
+        "grouping": grouping_of(prepared.report),
         "seconds": round(time.time() - t_start, 1),
         "notes": list(prepared.notes),
     })

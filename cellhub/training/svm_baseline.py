@@ -58,6 +58,7 @@ def train_svm_baseline(
     batch_size: int = 64,
     train_eval_samples: int = 2000,
     progress: bool = True,
+    group_by: str = "auto",
 ) -> dict[str, Any]:
     """Features from a backbone + one-vs-one SVM, evaluated like every other cellhub model.
 
@@ -70,7 +71,7 @@ def train_svm_baseline(
     t0 = time.time()
     prepared = prepare_splits(dataset, task=task, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed,
                               max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
-                              progress=progress)
+                              progress=progress, group_by=group_by)
     labels = prepared.labels
     net, backbone_name = _backbone(backbone, backbone_checkpoint, labels, pretrained=pretrained,
                                    image_size=image_size, notes=prepared.notes)

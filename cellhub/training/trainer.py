@@ -176,7 +176,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     prepared = prepare_splits(cfg.dataset, task=cfg.task, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction,
                               seed=cfg.seed, max_train_samples=cfg.max_train_samples,
                               max_eval_samples=cfg.max_eval_samples, progress=cfg.progress and is_main,
-                              notes=cfg.notes)
+                              notes=cfg.notes, group_by=cfg.group_by)
     if cfg.init_from:
         model = model_from_checkpoint(cfg.init_from, prepared.labels, image_size=cfg.image_size,
                                       freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate,
