@@ -83,6 +83,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if m is None:  # another process of an `accelerate launch` run: the main one reports
+        return 0
+    if m.get("processes", 1) > 1:
+        print(f"(predicted by {m['processes']} processes, one shard each)")
     print(format_metrics_table(m, title=f"{m['model'] or 'model'} ({args.checkpoint}) on {args.data} [{m['split']}]"))
     g = m["grouping"]
     how = "the default for this data; change with --group-by" if g["requested"] == "auto" else "--group-by"
@@ -164,24 +168,43 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
-class _CsvStream:
-    """The results CSV, written a chunk at a time (flushed), and what an earlier run already wrote."""
+def _csv_parts(path: Path) -> list[Path]:
+    """The per-process files of an ``accelerate launch`` run writing ``path`` (``path.part0``, ...), in rank order."""
+    parts = path.parent.glob(path.name + ".part*")
+    return sorted((p for p in parts if p.name[len(path.name) + 5:].isdigit()),
+                  key=lambda p: int(p.name[len(path.name) + 5:]))
 
-    def __init__(self, path: Path | None, header: list[str], resume: bool) -> None:
+
+def _done_rows(path: Path | None, header: list[str]) -> set[str]:
+    """Files an earlier run already wrote to ``path`` (and to its per-process parts, if it was cut off)."""
+    import csv
+
+    done: set[str] = set()
+    if path is None:
+        return done
+    for f in [path, *_csv_parts(path)]:
+        if not f.is_file() or f.stat().st_size == 0:
+            continue
+        with open(f, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        if rows and rows[0] != header:
+            raise SystemExit(f"--resume: {f} has the columns {rows[0]}, not {header}: it was written by "
+                             "other models. Use a new --csv file.")
+        done |= {r[0] for r in rows[1:] if r}
+    return done
+
+
+class _CsvStream:
+    """The results CSV, written a chunk at a time (flushed); appended to when resuming."""
+
+    def __init__(self, path: Path | None, header: list[str], append: bool) -> None:
         import csv
 
-        self.path, self.done = path, set()
+        self.path = path
         self._fh = self._writer = None
         if path is None:
             return
-        fresh = not (resume and path.is_file() and path.stat().st_size > 0)
-        if not fresh:
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = list(csv.reader(fh))
-            if rows and rows[0] != header:
-                raise SystemExit(f"--resume: {path} has the columns {rows[0]}, not {header}: it was written by "
-                                 "other models. Use a new --csv file.")
-            self.done = {r[0] for r in rows[1:] if r}
+        fresh = not (append and path.is_file() and path.stat().st_size > 0)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(path, "w" if fresh else "a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._fh)
@@ -196,6 +219,20 @@ class _CsvStream:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+
+
+def _merge_parts(path: Path, header: list[str], resume: bool) -> None:
+    """Append the per-process parts' rows to ``path`` in rank order (the input order), then delete them."""
+    import csv
+
+    out = _CsvStream(path, header, append=resume)
+    try:
+        for part in _csv_parts(path):
+            with open(part, newline="", encoding="utf-8") as fh:
+                out.write(list(csv.reader(fh))[1:])
+            part.unlink()
+    finally:
+        out.close()
 
 
 def _cam_saver(predictor: Any, cam_dir: Path) -> Any:
@@ -219,6 +256,7 @@ def _predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .batch import BatchResult, predict_files
+    from .distributed import Processes
     from .images import InputError, Limits, collect_images
     from .predict import Predictor
 
@@ -226,8 +264,9 @@ def _predict(args: argparse.Namespace) -> int:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.resume and args.csv is None:
         raise SystemExit("--resume needs --csv: the CSV is where the finished images are read from")
+    procs = Processes()
     try:
-        predictor = Predictor.from_pretrained(args.checkpoint, device=args.device)
+        predictor = Predictor.from_pretrained(args.checkpoint, device=args.device or procs.device)
     except Exception as exc:
         raise SystemExit(f"could not load checkpoint {args.checkpoint!r}: {exc}") from exc
     try:  # a command-line run has no request limit: the rows stream to the CSV
@@ -235,13 +274,23 @@ def _predict(args: argparse.Namespace) -> int:
     except InputError as exc:
         raise SystemExit(str(exc)) from exc
     layout = BatchResult(models=[predictor.name], labels=list(predictor.labels))
-    stream = _CsvStream(args.csv, layout.header(), args.resume)
+    done = _done_rows(args.csv, layout.header()) if args.resume else set()
     before = len(refs)
-    refs = [r for r in refs if r.name not in stream.done]
-    if stream.done:
+    refs = [r for r in refs if r.name not in done]
+    if done and procs.is_main:
         print(f"--resume: {before - len(refs)} image(s) already in {args.csv}; {len(refs)} to go")
+    if args.csv is not None and procs.is_main and not args.resume:
+        for stale in _csv_parts(args.csv):  # left by an earlier, interrupted run: not this run's rows
+            stale.unlink()
+    procs.barrier()  # every process has read what is done (and stale parts are gone) before any writes
+    refs = [refs[i] for i in procs.shard(len(refs))]
+    out_csv = args.csv
+    if args.csv is not None and procs.world > 1:
+        out_csv = args.csv.with_name(f"{args.csv.name}.part{procs.rank}")
+    stream = _CsvStream(out_csv, layout.header(), append=args.resume)
     save_cams = _cam_saver(predictor, args.cam_dir) if args.cam_dir is not None else None
-    bar = tqdm(total=len(refs), unit="img", desc="predict", smoothing=0.1)
+    bar = tqdm(total=len(refs), unit="img", desc="predict" if procs.world == 1 else f"predict [{procs.rank}]",
+               smoothing=0.1, position=procs.rank)
 
     def on_chunk(chunk_refs: list[Any], images: list[Any], preds: list[dict[str, Any]]) -> None:
         from .predict import consensus
@@ -262,9 +311,32 @@ def _predict(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         stream.close()
+    if procs.world > 1:
+        result = _gathered(result, procs)
+        if args.csv is not None and procs.is_main:
+            _merge_parts(args.csv, layout.header(), resume=args.resume)
+        procs.close()
+        if not procs.is_main:
+            return 0
     result.skipped = skipped + result.skipped
     _print_summary(result, predictor, args)
-    return 0 if result.n_predicted or stream.done else 2
+    return 0 if result.n_predicted or done else 2
+
+
+def _gathered(result: Any, procs: Any) -> Any:
+    """One result from every process's counts (the main process's; the others get theirs back)."""
+    parts = procs.gather({"n": result.n_predicted, "labels": dict(result.label_counts), "uncertain": result.n_uncertain,
+                          "skipped": result.skipped, "seconds": result.seconds})
+    if not procs.is_main:
+        return result
+    from collections import Counter
+
+    result.n_predicted = sum(p["n"] for p in parts)
+    result.label_counts = sum((Counter(p["labels"]) for p in parts), Counter())
+    result.n_uncertain = sum(p["uncertain"] for p in parts)
+    result.skipped = [s for p in parts for s in p["skipped"]]
+    result.seconds = max(p["seconds"] for p in parts)  # they ran side by side
+    return result
 
 
 def _print_summary(result: Any, predictor: Any, args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from . import data as data_mod
 from . import transforms
 from .batch import iter_decoded
 from .data import pixels_array
+from .distributed import Processes
 from .hub import load_pretrained
 from .images import to_rgb
 from .metrics import classification_metrics
@@ -56,6 +57,15 @@ def _row_reader(dataset: Any) -> tuple[Any, Any]:
     return read, decode
 
 
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last when the model's first 4-D weight is stored that way, else contiguous."""
+    for p in model.parameters():
+        if p.ndim == 4:
+            channels_last = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.contiguous_format
+
+
 @torch.no_grad()
 def predict_dataset(
     model: nn.Module,
@@ -77,16 +87,20 @@ def predict_dataset(
     read, to_image = _row_reader(dataset)
     was_training = model.training
     model.eval().to(device)
+    # channels_last: ~1.5x faster CPU convolutions at batch 64 (bench/RESULTS.md; Predictor does the same)
+    before = _memory_format(model)
+    fmt = torch.channels_last if device.type == "cpu" else before
+    model.to(memory_format=fmt)
     out = []
     bar = tqdm(total=len(dataset), desc="evaluating", unit="img", disable=not progress)
     chunks = iter_decoded(range(len(dataset)), lambda i, raw: tf(to_image(i, raw)), read=read,
                           chunk_size=batch_size, workers=num_workers)
     for _start, _chunk, tensors in chunks:
-        logits = model(torch.stack(tensors).to(device))
+        logits = model(torch.stack(tensors).to(device).contiguous(memory_format=fmt))
         out.append(torch.softmax(logits.float(), dim=1).cpu())
         bar.update(len(tensors))
     bar.close()
-    model.train(was_training)
+    model.to(memory_format=before).train(was_training)
     if not out:
         raise ValueError("The evaluation split is empty.")
     return torch.cat(out).numpy().astype(np.float64)
@@ -101,6 +115,21 @@ def _model_labels(model: nn.Module) -> list[str]:
     return [str(x) for x in labels]
 
 
+def _check_labels(model: nn.Module, dataset: Any) -> list[str]:
+    labels = _model_labels(model)
+    data_labels = list(getattr(dataset.features["label"], "names", []) or [])
+    if data_labels and data_labels != labels:
+        raise ValueError(f"The data's labels {data_labels} do not match the model's labels {labels}; "
+                         "evaluate a model on data of its own task.")
+    return labels
+
+
+def _metrics(dataset: Any, probs: np.ndarray, labels: list[str], n_boot: int, seed: int) -> dict[str, Any]:
+    y = np.asarray(dataset["label"], dtype=np.int64)
+    groups = [str(g) for g in dataset["group"]] if "group" in dataset.column_names else None
+    return classification_metrics(y, probs, labels, groups=groups, n_boot=n_boot, seed=seed)
+
+
 def evaluate_model(model: nn.Module, dataset: Any, batch_size: int = 64, *, n_boot: int = 1000, seed: int = 0,
                    progress: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
     """:func:`cellhub.metrics.classification_metrics` of ``model`` on one split.
@@ -108,15 +137,23 @@ def evaluate_model(model: nn.Module, dataset: Any, batch_size: int = 64, *, n_bo
     The split's label names must be the model's labels in the same order (both come from the
     task definition); groups come from its ``group`` column when present.
     """
-    labels = _model_labels(model)
-    data_labels = list(getattr(dataset.features["label"], "names", []) or [])
-    if data_labels and data_labels != labels:
-        raise ValueError(f"The data's labels {data_labels} do not match the model's labels {labels}; "
-                         "evaluate a model on data of its own task.")
+    labels = _check_labels(model, dataset)
     probs = predict_dataset(model, dataset, batch_size=batch_size, progress=progress, device=device)
-    y = np.asarray(dataset["label"], dtype=np.int64)
-    groups = [str(g) for g in dataset["group"]] if "group" in dataset.column_names else None
-    return classification_metrics(y, probs, labels, groups=groups, n_boot=n_boot, seed=seed)
+    return _metrics(dataset, probs, labels, n_boot, seed)
+
+
+def _evaluate_sharded(model: nn.Module, ds: Any, procs: Processes, *, batch_size: int, n_boot: int, seed: int,
+                      progress: bool) -> dict[str, Any] | None:
+    """Each process predicts its shard of ``ds``; the main one gathers the probabilities and scores them all."""
+    labels = _check_labels(model, ds)
+    part = predict_dataset(model, ds.select(procs.shard(len(ds))), batch_size=batch_size, device=procs.device,
+                           progress=progress and procs.is_main) if len(procs.shard(len(ds))) else None
+    parts = [p for p in procs.gather(part) if p is not None]
+    if not procs.is_main:
+        return None
+    m = _metrics(ds, np.concatenate(parts), labels, n_boot, seed)
+    m["processes"] = procs.world
+    return m
 
 
 #: ``cellhub.evaluate``: metrics of a model on one split (the same function)
@@ -138,22 +175,34 @@ def select_split(dsd: Any, split: str | None, source: str = "the data") -> tuple
 
 def run_evaluate(checkpoint: str, data: str, split: str | None = None, *, batch_size: int = 64, n_boot: int = 1000,
                  seed: int = 0, cache_dir: str | None = None, progress: bool = True, group_by: str = "auto",
-                 smear_dir: str | None = None) -> dict[str, Any]:
+                 smear_dir: str | None = None) -> dict[str, Any] | None:
     """Load a checkpoint and a dataset, evaluate one split, return the metrics (plus provenance).
 
     ``group_by`` is the unit the interval resamples and the per-group vote counts
-    (:data:`cellhub.data.groups.GROUP_BY`); the one used is returned under ``grouping``."""
-    model = load_pretrained(checkpoint)
-    task = (getattr(model, "cellhub_config", None) or {}).get("task")
-    dsd, report = data_mod.load_cell_dataset(data, task=task, cache_dir=cache_dir, return_report=True,
-                                             progress=progress, group_by=group_by, smear_dir=smear_dir)
+    (:data:`cellhub.data.groups.GROUP_BY`); the one used is returned under ``grouping``. Under
+    ``accelerate launch`` with several processes each predicts a shard and the main process returns
+    the metrics of the whole split; the others return ``None``.
+    """
+    procs = Processes()
+    with procs.main_first():  # the main process fills the caches (validation, groups), then the others read them
+        model = load_pretrained(checkpoint)
+        task = (getattr(model, "cellhub_config", None) or {}).get("task")
+        dsd, report = data_mod.load_cell_dataset(data, task=task, cache_dir=cache_dir, return_report=True,
+                                                 progress=progress and procs.is_main, group_by=group_by,
+                                                 smear_dir=smear_dir)
     name, ds = select_split(dsd, split, source=str(data))
     if len(ds) == 0:
         raise ValueError(f"Split {name!r} of {data} has no images.")
     split_key = name
     if not report.named_splits and split is None:
         name = "all"  # a folder without split folders is scored whole: not a "train" split
-    m = evaluate_model(model, ds, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
+    if procs.world > 1:
+        m = _evaluate_sharded(model, ds, procs, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
+        procs.close()
+        if m is None:
+            return None
+    else:
+        m = evaluate_model(model, ds, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
     m.update({
         "checkpoint": str(checkpoint),
         "data": str(data),
