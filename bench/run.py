@@ -35,9 +35,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "gpu-train": ("bench_gpu_train.py", []),
     "app": ("bench_app.py", []),
     "soak": ("bench_soak.py", ["--minutes", "1"]),
+    "groups": ("bench_groups.py", []),
 }
 #: benchmarks that accept --data
-TAKES_DATA = {"folder", "train-input", "soak"}
+TAKES_DATA = {"folder", "train-input", "soak", "groups"}
 LINE = re.compile(r"^[a-z0-9][a-z0-9-]*: ratio=")
 
 
