@@ -18,7 +18,7 @@ from .cache import read_json
 from .metrics import format_ci
 from .models import SMALLCNN_ARCHITECTURE
 from .svm import is_svm_config
-from .tasks import TASKS, Task
+from .tasks import GROUP_METHOD_TEXT, TASKS, Task
 
 __all__ = ["build_model_card", "CARD_NAME", "DEFAULT_LICENSE"]
 
@@ -248,6 +248,19 @@ def _images(c: _Checkpoint) -> dict[str, Any]:
     }
 
 
+def _grouped_by(metrics: Mapping[str, Any]) -> str | None:
+    """The grouping a run used (``metrics.json``'s ``grouping``), ``None`` for runs that predate it."""
+    grouping = metrics.get("grouping")
+    return grouping.get("group_by") if isinstance(grouping, Mapping) else None
+
+
+def _group_unit(metrics: Mapping[str, Any], task: Task | None) -> str:
+    used = _grouped_by(metrics)
+    if used:
+        return GROUP_METHOD_TEXT.get(used, used)
+    return task.group_unit if task else "group"
+
+
 def _context(c: _Checkpoint) -> dict[str, Any]:
     """The values the template fills in (everything already formatted as text where it is a number)."""
     m = c.metrics
@@ -261,7 +274,8 @@ def _context(c: _Checkpoint) -> dict[str, Any]:
         "abstention": _abstention(c.section),
         "hub_dataset": c.hub_dataset, "dataset_id": c.dataset_id,
         "split": {"name": c.split_name, "description": c.split_desc, "n_images": m.get("n_images"),
-                  "n_groups": m.get("n_groups", "n/a"), "group_unit": c.task.group_unit if c.task else "group"},
+                  "n_groups": m.get("n_groups", "n/a"), "group_unit": _group_unit(m, c.task),
+                  "by_smears": _grouped_by(m) in (None, "field", "smear")},
         "recipe": _recipe(c),
         "evaluation": _evaluation(m, c.labels),
         "images": _images(c),

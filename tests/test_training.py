@@ -68,6 +68,20 @@ def test_small_cnn_learns_synthetic_cells(blood, tmp_path):
     assert cfg["cellhub"]["labels"] == list(get_task("blood-cells").labels)
     assert cfg["cellhub"]["recipe"]["model"] == "smallcnn"
     assert not (tmp_path / "run" / CHECKPOINT_DIRNAME).exists()
+    # the grouping used is recorded and the card says it (the saved dataset's own group column)
+    assert m["grouping"] == {"requested": "auto", "group_by": "column", "method": {"train": "column", "test": "column"}}
+    assert "groups: column (the default for this data" in " ".join(m["notes"])
+    assert "group column of the source dataset" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_group_by_file_treats_every_image_as_independent(blood, tmp_path):
+    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", epochs=1, save_checkpoints=False, group_by="file"))
+    assert m["grouping"]["group_by"] == "file"
+    val = m["splits"]["validation"]
+    assert val["n_groups"] == val["n_images"]  # copies of a cell may now sit on both sides: the user's choice
+    assert "each image is its own group" in (tmp_path / "run" / "README.md").read_text()
+    with pytest.raises(ValueError, match="works on local image folders"):
+        fit(_cfg(blood, tmp_path / "run2", tmp_path / "cache", epochs=1, group_by="near-duplicates"))
 
 
 class _Interrupt(Exception):
