@@ -49,13 +49,13 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _add_audit(subparsers: Any) -> None:
     from . import audit  # light (numpy, PIL): its docstring is the command's description
-    from .tasks import GROUP_BY
+    from .tasks import GROUP_BY, TASK_NAMES
 
     p = subparsers.add_parser(
         "audit", help="count images and groups per split, find leaks and duplicates",
         description=audit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="dataset folder (e.g. the unzipped Kaggle download) or Hub dataset id")
-    p.add_argument("--task", choices=["blood-cells", "malaria"], default=None,
+    p.add_argument("--task", choices=list(TASK_NAMES), default=None,
                    help="task (default: inferred from the class folders)")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     p.add_argument("--smear-dir", default=None, help="folder of full smears (default: found next to the crops)")

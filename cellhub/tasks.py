@@ -76,6 +76,18 @@ TASKS: dict[str, Task] = {
         group_unit="slide / patient",
         description="Plasmodium-infected vs uninfected thin-smear red blood cell (NIH / Kaggle).",
     ),
+    "pbc": Task(
+        name="pbc",
+        labels=("basophil", "eosinophil", "erythroblast", "immature granulocyte", "lymphocyte", "monocyte",
+                "neutrophil", "platelet"),
+        folder_aliases={"ig": "immature granulocyte", "BASOPHIL": "basophil", "EOSINOPHIL": "eosinophil",
+                        "ERYTHROBLAST": "erythroblast", "LYMPHOCYTE": "lymphocyte", "MONOCYTE": "monocyte",
+                        "NEUTROPHIL": "neutrophil", "PLATELET": "platelet"},
+        hub_dataset=None,
+        group_unit="image (every PBC image is a distinct cell; near-duplicate copies grouped)",
+        description="Peripheral blood cell type, the 8 classes of the PBC dataset (Acevedo et al. 2020: "
+                    "CellaVision DM96, May Grünwald-Giemsa stain, Hospital Clinic of Barcelona).",
+    ),
 }
 
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
@@ -86,7 +98,7 @@ def get_task(name: str | Task) -> Task:
     if isinstance(name, Task):
         return name
     key = str(name).strip().lower().replace("_", "-")
-    aliases = {"blood": "blood-cells", "bloodcells": "blood-cells", "wbc": "blood-cells"}
+    aliases = {"blood": "blood-cells", "bloodcells": "blood-cells", "wbc": "blood-cells", "pbc8": "pbc"}
     key = aliases.get(key, key)
     if key not in TASKS:
         raise ValueError(f"Unknown task {name!r}. Choose one of: {', '.join(TASKS)}.")

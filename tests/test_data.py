@@ -214,7 +214,13 @@ def test_unknown_class_folder_is_a_clear_error(tmp_path, truth_matcher):
     extra = root / "dataset2-master" / "dataset2-master" / "images" / "TRAIN" / "BASOPHIL"
     extra.mkdir()
     synthetic.draw_blood_cell("neutrophil", size=(32, 32)).save(extra / "x.jpeg")
-    with pytest.raises(DatasetLayoutError, match=r"Unknown class folder\(s\) 'BASOPHIL'.*EOSINOPHIL"):
+    # a class of the 8-class PBC task: the folder now reads as PBC; the 4-class task leaves it out and says so
+    _, report = load_cell_dataset(root, return_report=True)
+    assert report.task == "pbc"
+    _, report = load_cell_dataset(root, task="blood-cells", return_report=True)
+    assert report.task == "blood-cells" and any("BASOPHIL/ (1 images)" in n for n in report.notes)
+    extra.rename(extra.with_name("ZEBRA"))
+    with pytest.raises(DatasetLayoutError, match=r"Unknown class folder\(s\) 'ZEBRA'.*EOSINOPHIL"):
         load_cell_dataset(root)
     # a tree of folders that are no class of any task
     for name in ("cat", "dog"):

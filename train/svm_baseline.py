@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train/svm_baseline.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", required=True, help="task name, local folder or Hub dataset id")
-    p.add_argument("--task", default=None, help="blood-cells or malaria (inferred when omitted)")
+    p.add_argument("--task", default=None, help="blood-cells, pbc or malaria (inferred when omitted)")
     p.add_argument("--backbone", default="resnet50", choices=MODEL_NAMES, help="registered feature extractor")
     p.add_argument("--from-scratch", action="store_true",
                    help="random backbone weights (offline smoke runs; the features are then weak)")

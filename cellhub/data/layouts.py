@@ -11,7 +11,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..images import is_image_file
@@ -83,6 +83,8 @@ class Layout:
     splits: dict[str, list[tuple[str, Path, list[Path]]]]
     #: False when the folder has no split folders (its one split is called "train" by convention)
     named_splits: bool = True
+    #: class folders of other tasks' labels that this task does not have (left out, reported)
+    ignored: list[Path] = field(default_factory=list)
 
 
 def _classify_class_root(d: Path, tasks: Sequence[Task]) -> tuple[dict[str, Path], list[Path], list[Path]] | None:
@@ -116,8 +118,11 @@ def pick_task(folder_names: Iterable[str], task: Task | None, where: Path) -> Ta
             f"Cannot tell the task of {where}: none of its folders is named after a class. "
             + expected_text()
         )
-    best = votes.most_common()
-    if len(best) > 1 and best[0][1] == best[1][1]:
+    # the task that knows the most folders; between equals, the one with fewer classes (Kaggle's four
+    # white-cell folders are blood-cells, not the 8-class PBC task that shares their names)
+    best = sorted(votes.items(), key=lambda kv: (-kv[1], get_task(kv[0]).num_classes))
+    if len(best) > 1 and best[0][1] == best[1][1] and \
+            get_task(best[0][0]).num_classes == get_task(best[1][0]).num_classes:
         raise DatasetLayoutError(
             f"Cannot tell the task of {where}: its folders match {best[0][0]!r} and {best[1][0]!r} equally. "
             "Pass task='blood-cells' or task='malaria' (--task on the command line)."
@@ -185,11 +190,15 @@ def find_layout(path: Path, task: Task | None) -> Layout:
             names.extend(cls[0])
             names.extend(u.name for u in cls[1])
         the_task = pick_task(names, task, root)
-        layout_splits = {sp: _class_dirs(dirs[0], the_task) for sp, dirs in splits.items()}
+        ignored: list[Path] = []
+        layout_splits = {sp: _class_dirs(dirs[0], the_task, ignored) for sp, dirs in splits.items()}
         upper = all(s.name.isupper() for s in _subdirs(root) if split_name(s.name))
         kind = "kaggle-blood-cells" if the_task.name == "blood-cells" and (
             upper or any("dataset2-master" in p for p in root.parts)) else "imagefolder"
-        return Layout(root=root, kind=kind, task=the_task, splits=layout_splits)
+        if not any(layout_splits.values()):
+            raise DatasetLayoutError(f"None of the class folders under {root} holds a class for task {the_task.name!r}. "
+                                     + expected_text(the_task))
+        return Layout(root=root, kind=kind, task=the_task, splits=layout_splits, ignored=ignored)
     if class_roots:
         root = min(class_roots)[1]
         known, unknown, _ = _classify_class_root(root, tasks)  # type: ignore[misc]
@@ -200,8 +209,13 @@ def find_layout(path: Path, task: Task | None) -> Layout:
         kind = "kaggle-malaria" if the_task.name == "malaria" and root.name.lower() == "cell_images" else "imagefolder"
         if the_task.name == "blood-cells" and any("dataset2-master" in p for p in root.parts):
             kind = "kaggle-blood-cells"
-        return Layout(root=root, kind=kind, task=the_task, splits={split: _class_dirs(root, the_task)},
-                      named_splits=named)
+        ignored = []
+        dirs = _class_dirs(root, the_task, ignored)
+        if not dirs:
+            raise DatasetLayoutError(f"None of the class folders in {root} holds a class for task {the_task.name!r}. "
+                                     + expected_text(the_task))
+        return Layout(root=root, kind=kind, task=the_task, splits={split: dirs}, named_splits=named,
+                      ignored=ignored)
     if images_directly_in_path and not _subdirs(path):
         raise DatasetLayoutError(
             f"{path} holds images directly but no class folders: pass the folder that contains the "
@@ -215,12 +229,17 @@ def find_layout(path: Path, task: Task | None) -> Layout:
     raise DatasetLayoutError(f"No images in class folders found under {path}. " + expected_text(task))
 
 
-def _class_dirs(root: Path, task: Task) -> list[tuple[str, Path, list[Path]]]:
-    """Class folders of one split root, checked against ``task``; nested copies are merged."""
+def _class_dirs(root: Path, task: Task, ignored: list[Path] | None = None) -> list[tuple[str, Path, list[Path]]]:
+    """Class folders of one split root, checked against ``task``; nested copies are merged. With
+    ``ignored``, folders of other tasks' classes are left out and appended to it (else an error)."""
     cls = _classify_class_root(root, list(TASKS.values()))
     if cls is None:
         raise DatasetLayoutError(f"No class folders with images in {root}. " + expected_text(task))
     known, unknown, nested = cls
+    foreign = [d for name, d in known.items() if task.label_from_folder(name) is None]
+    if foreign and ignored is not None:  # another task's classes (PBC's basophils for the 4-class task)
+        ignored.extend(foreign)
+        known = {name: d for name, d in known.items() if task.label_from_folder(name) is not None}
     bad = [name for name in known if task.label_from_folder(name) is None] + [u.name for u in unknown]
     if bad:
         raise DatasetLayoutError(

@@ -90,9 +90,11 @@ def _collect_split(entries: list[tuple[str, Path, list[Path]]], task: Task, repo
             for dirpath, dirnames, filenames in os.walk(tree):
                 dirnames[:] = sorted(x for x in dirnames if not is_hidden(x))
                 for fn in sorted(filenames):
-                    if fn.startswith("."):
-                        continue
                     p = Path(os.path.abspath(os.path.join(dirpath, fn)))
+                    if fn.startswith("."):  # .DS_Store and the like; one with an image suffix is reported
+                        if is_image_file(p):
+                            report.skipped.append((str(p), "hidden file (name starts with '.'): not read"))
+                        continue
                     rel = p.relative_to(tree).as_posix()
                     if tree is not d and rel in seen:
                         report.ignored_duplicates += 1
@@ -114,6 +116,11 @@ def _load_local(path: Path, task: Task | None, cache_dir: Path | None, smear_dir
     task = layout.task
     report.task, report.source_kind, report.root = task.name, layout.kind, str(layout.root)
     report.named_splits = layout.named_splits
+    for d in layout.ignored:
+        n = sum(1 for f in d.rglob("*") if is_image_file(f))
+        note = f"ignored {d.relative_to(layout.root)}/ ({n} images): not a class of task {task.name!r}"
+        report.notes.append(note)
+        logger.warning(note)
     if task.name == "blood-cells" and smear_dir is None:
         smear_dir = find_smear_dir(layout.root)
     if smear_dir is not None:

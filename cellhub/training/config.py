@@ -43,7 +43,7 @@ class TrainConfig:
                                            "(Kaggle download, image folder, saved dataset) or Hub dataset id",
                                    "group": "data", "required": True})
     model: str = _opt("smallcnn", "model architecture", "model", choices=available_models)
-    task: str | None = _opt(None, "blood-cells or malaria (inferred from the data when omitted)", "data")
+    task: str | None = _opt(None, "blood-cells, pbc or malaria (inferred from the data when omitted)", "data")
     epochs: int = _opt(10, "training epochs", "optimisation")
     batch_size: int = _opt(32, "per device", "optimisation")
     lr: float = _opt(1e-3, "peak learning rate (AdamW)", "optimisation")
