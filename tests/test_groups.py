@@ -74,13 +74,19 @@ def test_copies_share_a_group_and_distinct_cells_do_not(copies):
     assert groups == neardup.near_duplicate_groups(paths, [Path(p).name for p in paths], progress=False)
 
 
-def test_a_stricter_threshold_splits_and_the_size_cap_holds(copies):
+def test_a_stricter_threshold_splits_and_the_size_cap_holds(copies, tmp_path):
     paths, cells = copies
     strict = neardup.near_duplicate_groups(paths, threshold=0.999, progress=False)
     assert len(set(strict)) > len(set(cells))
     capped = neardup.near_duplicate_groups(paths, max_group=3, progress=False)
     sizes = [capped.count(g) for g in set(capped)]
     assert max(sizes) <= 3
+    # ...but identical copies always share a group, however many
+    same = []
+    for i in range(5):
+        same.append(str(tmp_path / f"same_{i}.png"))
+        Image.open(paths[1]).save(same[-1])
+    assert len(set(neardup.near_duplicate_groups(same + paths[6:], max_group=3, progress=False)[:5])) == 1
     with pytest.raises(ValueError, match="threshold"):
         neardup.near_duplicate_groups(paths, threshold=1.5)
     with pytest.raises(ValueError, match="max_group"):

