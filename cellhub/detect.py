@@ -62,6 +62,13 @@ class DetectParams:
     lobe_merge: float = 0.5
     #: a purple group with at least this area (in r^2) is a white cell
     wbc_min_area: float = 1.5
+    #: a smaller purple group (at least this, in r^2) is a white cell when cytoplasm surrounds it:
+    #: at least ``cytoplasm_fraction`` of a ring round it has blue - red > ``cytoplasm_blue`` and is
+    #: ``cytoplasm_dark`` darker in green than the background
+    wbc_small_area: float = 0.6
+    cytoplasm_fraction: float = 0.8
+    cytoplasm_blue: float = 0.0
+    cytoplasm_dark: float = 12.0
     #: a purple blob with an area between these (in r^2) is a platelet candidate
     platelet_min_area: float = 0.015
     platelet_max_area: float = 0.35
@@ -228,7 +235,7 @@ def _purple_groups(arr: np.ndarray, r: float, p: DetectParams) -> tuple[list[tup
             continue
         box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
         a = float(g_area[i])
-        if a >= p.wbc_min_area * r2:
+        if a >= p.wbc_min_area * r2 or (a >= p.wbc_small_area * r2 and _has_cytoplasm(arr, group == i, r, p)):
             wbc.append((box, a))
         elif a <= p.platelet_max_area * r2:
             small.append((box, a))
@@ -237,6 +244,25 @@ def _purple_groups(arr: np.ndarray, r: float, p: DetectParams) -> tuple[list[tup
             x, y, w, h = stats[i, :4]
             small.append(((int(x), int(y), int(x + w), int(y + h)), float(area[i])))
     return wbc, small
+
+
+def _has_cytoplasm(arr: np.ndarray, nucleus: np.ndarray, r: float, p: DetectParams) -> bool:
+    """Whether a ring around a (small) nucleus is mostly cytoplasm: stained (darker than the
+    background in green) but not red (blue >= red - a little), as round a white cell's nucleus
+    and unlike the red cell or bare background round a platelet."""
+    ys, xs = np.nonzero(nucleus)
+    pad = int(math.ceil(0.6 * r)) + 2
+    y0, y1 = max(0, ys.min() - pad), min(arr.shape[0], ys.max() + pad + 1)
+    x0, x1 = max(0, xs.min() - pad), min(arr.shape[1], xs.max() + pad + 1)
+    sub = nucleus[y0:y1, x0:x1].astype(np.uint8)
+    k = lambda d: cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * max(1, int(d * r)) + 1,) * 2)  # noqa: E731
+    ring = (cv2.dilate(sub, k(0.5)) > 0) & ~(cv2.dilate(sub, k(0.12)) > 0)
+    if not ring.any():
+        return False
+    f = cv2.GaussianBlur(arr[y0:y1, x0:x1], (0, 0), 1.0).astype(np.float32)
+    bg_green = float(np.percentile(arr[..., 1], 95))
+    cyto = (f[..., 2] - f[..., 0] > p.cytoplasm_blue) & (f[..., 1] < bg_green - p.cytoplasm_dark)
+    return float(cyto[ring].mean()) >= p.cytoplasm_fraction
 
 
 def _grow(box: Box, r: float, p: DetectParams, w: int, h: int) -> Box:
