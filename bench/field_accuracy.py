@@ -72,6 +72,7 @@ def match(found: list, truth: list, thr: float = 0.5) -> int:
 
 def bccd(ids: list[str], params, predictors=None, verbose: bool = False) -> dict:
     tp = n_found = n_true = 0
+    rbc_m = rbc_t = rbc_f = infected_sure = rbcs_sure = 0
     rel, ratio, secs, infected, rbcs, misses = [], [], [], 0, 0, []
     for fid in ids:
         image = read_image(JPEG / f"{fid}.jpg")
@@ -85,6 +86,9 @@ def bccd(ids: list[str], params, predictors=None, verbose: bool = False) -> dict
         if m < len(wbc) or m < len(truth["wbc"]):
             misses.append(f"{fid}: found {len(wbc)} matched {m} of {len(truth['wbc'])}")
         n_rbc = len(det.of_kind("rbc"))
+        rbc_m += match([c.box for c in det.of_kind("rbc")], truth["rbc"])
+        rbc_t += len(truth["rbc"])
+        rbc_f += n_rbc
         if truth["rbc"]:
             rel.append(abs(n_rbc - len(truth["rbc"])) / len(truth["rbc"]))
             ratio.append(n_rbc / len(truth["rbc"]))
@@ -93,16 +97,21 @@ def bccd(ids: list[str], params, predictors=None, verbose: bool = False) -> dict
 
             res = analyze_field(image, predictors, task="malaria", detection=det)
             infected += res.counts["by_label"].get("parasitized", 0)
+            sure = [c for c in res.cells if c.kind == "rbc" and c.label and not c.uncertain]
+            infected_sure += sum(c.label == "parasitized" for c in sure)
+            rbcs_sure += len(sure)
             rbcs += res.counts["rbc"]
     if verbose:
         print("\n".join("    " + m for m in misses))
     out = {
         "fields": len(ids), "wbc_recall": tp / max(n_true, 1), "wbc_precision": tp / max(n_found, 1),
         "wbc_true": n_true, "wbc_found": n_found, "rbc_median_rel_err": statistics.median(rel),
-        "rbc_mean_rel_err": statistics.fmean(rel), "rbc_median_ratio": statistics.median(ratio), "detect_s_median": statistics.median(secs),
+        "rbc_mean_rel_err": statistics.fmean(rel), "rbc_median_ratio": statistics.median(ratio),
+        "rbc_box_recall": rbc_m / max(rbc_t, 1), "rbc_box_precision": rbc_m / max(rbc_f, 1), "detect_s_median": statistics.median(secs),
     }
     if predictors:
-        out.update(parasitemia=infected / max(rbcs, 1), rbc_classified=rbcs, parasitized=infected)
+        out.update(parasitemia=infected / max(rbcs, 1), rbc_classified=rbcs, parasitized=infected,
+                   parasitemia_confident=infected_sure / max(rbcs_sure, 1), rbc_confident=rbcs_sure)
     return out
 
 

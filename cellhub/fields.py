@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage as ndi
 
 from .detect import DEFAULT_PARAMS, Cell, Detection, DetectParams, detect_cells, field_problem
 from .images import DEFAULT_LIMITS, ImageRef, InputError, Limits, collect_images, read_image
@@ -111,16 +112,33 @@ def wbc_crop(image: Image.Image, box: Sequence[int], size: tuple[int, int] = WBC
     return Image.fromarray(region).resize(size, Image.BILINEAR)
 
 
-def rbc_crop(image: Image.Image, box: Sequence[int], size: int = RBC_CROP_SIZE) -> Image.Image:
-    """A crop like the NIH malaria cells: the red cell alone (an ellipse in its box), filling a
-    square image, on black."""
+def rbc_crop(image: Image.Image, box: Sequence[int], size: int = RBC_CROP_SIZE,
+             background_green: float | None = None, exclude: np.ndarray | None = None) -> Image.Image:
+    """A crop like the NIH malaria cells: the red cell alone, filling a square image, on black.
+
+    The cell is the ellipse in its box; with ``background_green`` (the field's background level in
+    the green channel) only the pixels darker than the background inside it, the blob at the
+    centre, are kept, so that specks on the background beside the cell are not part of it.
+    ``exclude`` (a field-sized bool mask, e.g. the white cells) is blacked out.
+    """
     x0, y0, x1, y1 = (int(v) for v in box)
     region = image.crop((x0, y0, x1, y1))
-    mask = Image.new("L", region.size, 0)
-    ImageDraw.Draw(mask).ellipse([0, 0, region.width - 1, region.height - 1], fill=255)
+    ell = Image.new("L", region.size, 0)
+    ImageDraw.Draw(ell).ellipse([0, 0, region.width - 1, region.height - 1], fill=255)
+    mask = np.asarray(ell) > 0
+    if exclude is not None:
+        mask &= ~exclude[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
+    if background_green is not None:
+        cell = ndi.binary_fill_holes(mask & (np.asarray(region)[..., 1] < background_green - 15))
+        lab, n = ndi.label(cell)
+        if n:
+            keep = lab == (np.bincount(lab.ravel())[1:].argmax() + 1)
+            if keep.sum() > 0.4 * mask.sum():
+                mask = ndi.binary_dilation(keep, iterations=1) & mask
     side = max(region.size)
     out = Image.new("RGB", (side, side), (0, 0, 0))
-    out.paste(region, ((side - region.width) // 2, (side - region.height) // 2), mask)
+    out.paste(region, ((side - region.width) // 2, (side - region.height) // 2),
+              Image.fromarray(mask.astype(np.uint8) * 255))
     return out.resize((size, size), Image.BILINEAR)
 
 
@@ -195,8 +213,13 @@ class FieldsResult:
             if task == "malaria":
                 k = counts.get("parasitized", 0)
                 prop = _proportion(k, n, hw)
+                sure = [c for c in cells if not c.uncertain]
+                k_sure = sum(c.label == "parasitized" for c in sure)
                 out.update(parasitemia=prop["fraction"], ci95=prop["ci95"], n_rbc=n, n_parasitized=k,
-                           malaria_half_width=hw, malaria_more_cells_needed=prop["more_cells_needed"])
+                           malaria_half_width=hw, malaria_more_cells_needed=prop["more_cells_needed"],
+                           # the same over the cells no model was unsure of (the others go to review)
+                           parasitemia_confident=k_sure / len(sure) if sure else 0.0,
+                           ci95_confident=list(wilson_interval(k_sure, len(sure))), n_rbc_confident=len(sure))
             else:
                 labels = self.labels.get(task) or sorted(counts)
                 diff = {lab: _proportion(counts.get(lab, 0), n, hw) for lab in labels}
@@ -249,7 +272,7 @@ def _single_cell_problem(det: Detection, arr: np.ndarray) -> str | None:
     if len(wbc) == 1:
         x0, y0, x1, y1 = wbc[0].box
         centred = abs((x0 + x1) / 2 - w / 2) < 0.15 * w and abs((y0 + y1) / 2 - h / 2) < 0.15 * h
-        if centred and (min(w, h) < 300 or (x1 - x0) > 0.45 * w):
+        if centred and (min(w, h) < 300 or (x1 - x0) > 0.6 * w):
             return "it looks like a single white-cell crop (one white cell in the middle, filling the image)"
     return None
 
@@ -265,9 +288,17 @@ def _check_field(det: Detection, arr: np.ndarray, name: str, allow_single_cell: 
                          "this is a blood-smear photo.")
 
 
-def _classify(image: Image.Image, cells: list[Cell], kind: str, predictors: list[Predictor]) -> list[CellResult]:
-    crop = wbc_crop if kind == "wbc" else rbc_crop
-    crops = [crop(image, c.box) for c in cells]
+def _classify(image: Image.Image, cells: list[Cell], kind: str, predictors: list[Predictor],
+              wbc_boxes: Sequence[Sequence[int]] = ()) -> list[CellResult]:
+    if kind == "wbc":
+        crops = [wbc_crop(image, c.box) for c in cells]
+    else:
+        bg = float(np.percentile(np.asarray(image)[::4, ::4, 1], 95))
+        wbc = Image.new("L", image.size, 0)
+        for b in wbc_boxes:  # a white cell's edge inside a red cell's box is not part of that cell
+            ImageDraw.Draw(wbc).ellipse(list(b), fill=255)
+        exclude = np.asarray(wbc) > 0 if wbc_boxes else None
+        crops = [rbc_crop(image, c.box, background_green=bg, exclude=exclude) for c in cells]
     answers = {p.name: p.predict(crops, with_cam=False) if crops else [] for p in predictors}  # one call per model
     out = []
     for i, c in enumerate(cells):
@@ -318,7 +349,8 @@ def analyze_field(
     for t, preds in by_task.items():
         kind = classified_kind(t)
         idx = [i for i, c in enumerate(det.cells) if c.kind == kind]
-        for i, res in zip(idx, _classify(image, [det.cells[i] for i in idx], kind, preds)):
+        wbc_boxes = [c.box for c in det.of_kind("wbc")]
+        for i, res in zip(idx, _classify(image, [det.cells[i] for i in idx], kind, preds, wbc_boxes)):
             results[i] = res
     cells = [results.get(i) or CellResult(c.kind, c.box) for i, c in enumerate(det.cells)]
     models = [p.name for ps in by_task.values() for p in ps]
