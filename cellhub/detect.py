@@ -50,8 +50,6 @@ class DetectParams:
 
     #: red-cell radius in the working image, pixels (the photo is resized to this scale)
     work_radius: float = 16.0
-    #: circles' radius -> distance-transform radius (the two measures, agreed on the tuning fields)
-    hough_scale_ratio: float = 0.63
     #: longest side of the thumbnail the scale is measured on, pixels
     thumb_side: int = 384
     #: working images with a side over this many pixels are processed in tiles
@@ -84,7 +82,7 @@ class DetectParams:
     hough_edge: float = 40.0
     rbc_min_radius: float = 0.8
     rbc_max_radius: float = 1.4
-    hough_votes: float = 0.7
+    hough_votes: float = 0.8
     #: a circle is a red cell when this fraction of its disk is cell mask
     rbc_cover: float = 0.7
     #: smallest red-cell region counted (in r^2)
@@ -362,26 +360,8 @@ def _tiles(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, in
     return out
 
 
-def _hough_radius(arr: np.ndarray) -> float | None:
-    """The median radius of the strongest circles of any size (a second, independent measure:
-    pale red cells whose mask is only a ring fool the distance transform, not the circles)."""
-    m = min(arr.shape[:2])
-    green = cv2.GaussianBlur(arr[..., 1], (0, 0), 1.2)
-    circles = cv2.HoughCircles(green, cv2.HOUGH_GRADIENT, dp=1, minDist=m / 20, param1=40, param2=12,
-                               minRadius=max(2, int(m / 40)), maxRadius=max(3, int(m / 5)))
-    if circles is None or len(circles[0]) < 3:
-        return None
-    return float(np.median(circles[0][:15, 2]))
-
-
 def _radius(arr: np.ndarray, p: DetectParams) -> float | None:
-    """Red-cell radius in ``arr``'s pixels: the larger of the distance-transform measure and the
-    circles' (scaled to agree with it on the tuning fields: 0.63)."""
-    r_dt = estimate_radius(arr, p)
-    r_h = _hough_radius(arr) if r_dt is not None and r_dt >= 4 else None
-    if r_dt is None or r_h is None:
-        return r_dt
-    return max(r_dt, p.hough_scale_ratio * r_h)
+    return estimate_radius(arr, p)
 
 
 def _measure_scale(arr: np.ndarray, p: DetectParams) -> tuple[float, float, list[str]]:
