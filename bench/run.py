@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "gpu-train": ("bench_gpu_train.py", []),
     "app": ("bench_app.py", []),
     "soak": ("bench_soak.py", ["--minutes", "1"]),
+    "fields": ("bench_fields.py", []),
 }
 #: benchmarks that accept --data
 TAKES_DATA = {"folder", "train-input", "soak"}

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 
 __all__ = ["Cell", "Detection", "DetectParams", "DEFAULT_PARAMS", "detect_cells", "box_iou", "field_problem"]
 
@@ -186,12 +187,14 @@ def _peaks(dt: np.ndarray, min_value: float, sep: float) -> np.ndarray:
     centres = np.array(ndi.center_of_mass(local, lab, range(1, n + 1)))
     # several peaks of one broad plateau: keep the highest within `sep`
     order = np.argsort(-dt[centres[:, 0].astype(int), centres[:, 1].astype(int)])
-    kept: list[np.ndarray] = []
+    tree = cKDTree(centres)
+    suppressed = np.zeros(len(centres), bool)
+    kept = []
     for i in order:
-        c = centres[i]
-        if all(np.hypot(*(c - k)) >= sep for k in kept):
-            kept.append(c)
-    return np.round(np.array(kept)).astype(np.int64)
+        if not suppressed[i]:
+            kept.append(i)
+            suppressed[tree.query_ball_point(centres[i], sep - 1e-9)] = True
+    return np.round(centres[kept]).astype(np.int64)
 
 
 def estimate_radius(arr: np.ndarray, p: DetectParams = DEFAULT_PARAMS) -> float | None:
