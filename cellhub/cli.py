@@ -286,7 +286,7 @@ def _add_analyze(subparsers: Any) -> None:
     p.add_argument("items", nargs="+", metavar="CHECKPOINT... INPUT...",
                    help="checkpoint folders (with config.json) or hf-hub:org/name ids, then field photos, "
                         "folders or .zip archives")
-    p.add_argument("--task", choices=["blood-cells", "pbc", "malaria"], default=None,
+    p.add_argument("--task", choices=["blood-cells", "malaria"], default=None,
                    help="use only this task's models (default: every task of the checkpoints)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
     p.add_argument("--csv", metavar="OUT", type=Path, default=None, help="write one row per cell to OUT")

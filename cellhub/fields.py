@@ -1,7 +1,7 @@
 """Whole-field analysis: find the cells of a microscope field, classify them, count with intervals.
 
 * :func:`analyze_field` — one photo: :func:`cellhub.detect.detect_cells` finds every white cell,
-  red cell and platelet; the cells a task classifies (white cells for ``blood-cells``/``pbc``, red
+  red cell and platelet; the cells a task classifies (white cells for ``blood-cells``, red
   cells for ``malaria``) are cropped the way that task's training crops look and sent through each
   :class:`~cellhub.predict.Predictor` in one batched call; each cell gets every model's answer and
   their :func:`~cellhub.predict.consensus`.
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 #: default target half-width of the 95% interval for "how many more cells": 5 percentage points for a
 #: differential, 0.5 for parasitemia (a parasitemia of a few percent needs a tighter interval)
-DEFAULT_HALF_WIDTH = {"blood-cells": 0.05, "pbc": 0.05, "malaria": 0.005}
+DEFAULT_HALF_WIDTH = {"blood-cells": 0.05, "malaria": 0.005}
 #: the size of a Kaggle blood-cell crop, and how much of its width the white cell fills
 WBC_CROP_SIZE = (320, 240)
 WBC_CROP_FILL = 0.3
