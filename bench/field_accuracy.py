@@ -14,6 +14,10 @@ Figures:
 - RBC count: median over fields of |found - annotated| / annotated. The annotators skip most red
   cells cut by the border and some in clumps; the detector follows them by counting a border-cut
   cell only when its visible area is large (``DetectParams.rbc_border_min_area``).
+  The error is also given for fields numbered below 170 and from 170 on (``_ids_lt170`` /
+  ``_ids_ge170``): on the tuning fields the detector undercounts the crowded early fields (clumps of
+  overlapping cells) and overcounts later ones, where annotators boxed fewer of the visible cells
+  (both ranges have a median of 11-12 boxes per field).
 - parasitemia: the malaria model run on the red cells of these (malaria-free) fields: every
   "parasitized" call is a false positive.
 - PBC (another lab, one centred white cell per 128x128 image): the fraction of a seeded sample of
@@ -73,7 +77,7 @@ def match(found: list, truth: list, thr: float = 0.5) -> int:
 def bccd(ids: list[str], params, predictors=None, verbose: bool = False) -> dict:
     tp = n_found = n_true = 0
     rbc_m = rbc_t = rbc_f = infected_sure = rbcs_sure = 0
-    rel, ratio, secs, infected, rbcs, misses = [], [], [], 0, 0, []
+    rel, ratio, secs, infected, rbcs, misses, early, late = [], [], [], 0, 0, [], [], []
     for fid in ids:
         image = read_image(JPEG / f"{fid}.jpg")
         truth = read_boxes(ANN / f"{fid}.xml")
@@ -92,6 +96,7 @@ def bccd(ids: list[str], params, predictors=None, verbose: bool = False) -> dict
         if truth["rbc"]:
             rel.append(abs(n_rbc - len(truth["rbc"])) / len(truth["rbc"]))
             ratio.append(n_rbc / len(truth["rbc"]))
+            (early if int(fid.split("_")[1]) < 170 else late).append(rel[-1])
         if predictors:
             from cellhub.fields import analyze_field
 
@@ -107,6 +112,8 @@ def bccd(ids: list[str], params, predictors=None, verbose: bool = False) -> dict
         "fields": len(ids), "wbc_recall": tp / max(n_true, 1), "wbc_precision": tp / max(n_found, 1),
         "wbc_true": n_true, "wbc_found": n_found, "rbc_median_rel_err": statistics.median(rel),
         "rbc_mean_rel_err": statistics.fmean(rel), "rbc_median_ratio": statistics.median(ratio),
+        "rbc_median_rel_err_ids_lt170": statistics.median(early) if early else None,
+        "rbc_median_rel_err_ids_ge170": statistics.median(late) if late else None,
         "rbc_box_recall": rbc_m / max(rbc_t, 1), "rbc_box_precision": rbc_m / max(rbc_f, 1), "detect_s_median": statistics.median(secs),
     }
     if predictors:
