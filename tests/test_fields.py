@@ -164,6 +164,30 @@ def test_parasitemia_and_pooled_summary(malaria_predictor, tmp_path):
     assert d["task"] == "malaria" and d["models"] == ["m"]
 
 
+def test_fields_in_a_zip_pool_into_a_differential(blood_predictors, tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "smear.zip", "w") as zf:
+        for k, label in enumerate(("neutrophil", "lymphocyte", "monocyte")):
+            image, _ = draw_smear(label, seed=20 + k)
+            path = tmp_path / f"{label}.png"
+            image.save(path)
+            zf.write(path, f"fields/{label}.png")
+    result = analyze_fields(tmp_path / "smear.zip", blood_predictors, "blood-cells", half_width=0.1)
+    s = result.summary
+    assert s["fields"] == 3 and s["n_wbc"] == sum(im.counts["wbc"] for im in result.images) >= 2
+    diff = s["differential"]
+    assert list(diff) == list(blood_predictors[0].labels)
+    assert sum(d["count"] for d in diff.values()) == s["n_wbc"]
+    assert sum(d["fraction"] for d in diff.values()) == pytest.approx(1.0)
+    for d in diff.values():
+        lo, hi = d["ci95"]
+        assert 0 <= lo <= d["fraction"] <= hi <= 1
+    need = max(cells_needed(d["fraction"], 0.1) for d in diff.values()) - s["n_wbc"]
+    assert s["differential_more_cells_needed"] == need > 0
+    assert "parasitemia" not in s
+
+
 def test_wilson_interval_and_cells_needed():
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
