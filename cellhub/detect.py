@@ -74,8 +74,8 @@ class DetectParams:
     platelet_min_area: float = 0.015
     platelet_max_area: float = 0.35
     #: white-cell box = nucleus box grown by this fraction of its size plus ``wbc_margin_r`` r each side
-    wbc_margin_frac: float = 0.12
-    wbc_margin_r: float = 0.25
+    wbc_margin_frac: float = 0.06
+    wbc_margin_r: float = 0.2
     #: cell mask: darker (green channel) than the background by this much (0-255), or Otsu's threshold if lower
     fg_margin: float = 30.0
     #: red-cell circles: centres at least this far apart (in r), Canny edge threshold, votes (per r)

@@ -57,6 +57,12 @@ def malaria_predictor():
 
 
 # ------------------------------------------------------------------------------- finding cells
+def cell_extent(drawn):
+    """draw_smear's box spans 1.3 cell radii round the centre; the cell itself spans one."""
+    cx, cy, half = (drawn[0] + drawn[2]) / 2, (drawn[1] + drawn[3]) / 2, (drawn[2] - drawn[0]) / 2 / 1.3
+    return (int(cx - half), int(cy - half), int(cx + half), int(cy + half))
+
+
 def test_the_white_cell_of_drawn_smears_is_found():
     """24 drawn smears: the one white cell found (IoU >= 0.5 with the drawn box) in nearly all, and
     never two. Synthetic eosinophils are left out: their two drawn lobes cover ~0.8 red-cell areas
@@ -64,7 +70,8 @@ def test_the_white_cell_of_drawn_smears_is_found():
     found, extra = 0, []
     for label in ("neutrophil", "lymphocyte", "monocyte"):
         for seed in range(8):
-            image, box = draw_smear(label, seed=seed)
+            image, drawn = draw_smear(label, seed=seed)
+            box = cell_extent(drawn)
             wbc = detect_cells(image).of_kind("wbc")
             found += len(wbc) == 1 and box_iou(wbc[0].box, box) >= 0.5
             if len(wbc) > 1:
@@ -109,9 +116,9 @@ def test_tiling_agrees_with_one_pass():
 
 
 def test_the_scale_is_measured_boxes_are_in_original_pixels():
-    small, box = draw_smear("lymphocyte", seed=0)
+    small, drawn = draw_smear("lymphocyte", seed=0)
     image = small.resize((1600, 1200), Image.BILINEAR)  # the same field photographed at 2.5x the pixels
-    box = tuple(int(v * 2.5) for v in box)
+    box = tuple(int(v * 2.5) for v in cell_extent(drawn))
     det = detect_cells(image)
     assert det.rbc_radius == pytest.approx(2.5 * detect_cells(small).rbc_radius, rel=0.15)
     assert det.scale < 0.3
