@@ -132,7 +132,7 @@ def test_analyze_field_classifies_white_cells_in_one_call_per_model(blood_predic
     for p in blood_predictors:
         orig = p.predict
         monkeypatch.setattr(p, "predict", lambda imgs, *a, _o=orig, **k: calls.append(len(imgs)) or _o(imgs, *a, **k))
-    image, box = draw_smear("monocyte", seed=5)
+    image, _ = draw_smear("monocyte", seed=5)
     res = analyze_field(image, blood_predictors)
     assert calls == [1, 1]
     wbc = [c for c in res.cells if c.kind == "wbc"]
