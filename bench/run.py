@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "app": ("bench_app.py", []),
     "soak": ("bench_soak.py", ["--minutes", "1"]),
     "groups": ("bench_groups.py", []),
+    "fields": ("bench_fields.py", []),
 }
 #: benchmarks that accept --data
 TAKES_DATA = {"folder", "train-input", "soak", "groups"}

@@ -31,6 +31,9 @@ _EXPORTS: dict[str, str] = {
     "SVMClassifier": "svm",
     "Predictor": "predict",
     "gradcam": "cam",
+    "detect_cells": "detect",
+    "analyze_field": "fields",
+    "analyze_fields": "fields",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,4 +1,4 @@
-"""``python -m cellhub audit|evaluate|predict ...``: the command line, over the library's functions.
+"""``python -m cellhub audit|evaluate|predict|analyze ...``: the command line, over the library's functions.
 
 Each subcommand is a thin layer: parse, call one library function, print, exit 0 (done), 2 (bad
 input, with a message that says what to do). Library modules register nothing here.
@@ -358,14 +358,122 @@ def _print_summary(result: Any, predictor: Any, args: argparse.Namespace) -> Non
         print(f"Grad-CAM overlays written to {args.cam_dir}")
 
 
+# -------------------------------------------------------------------------------- analyze
+def _add_analyze(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="find and classify every cell of whole microscope-field photos; differential / parasitemia",
+        description="Analyse photos of whole microscope fields (one smear: files, folders, .zip): find every "
+        "white cell, red cell and platelet, classify the white cells (blood-cell models) and/or the red cells "
+        "(malaria models) with every CHECKPOINT, and pool the differential or the parasitemia over the fields "
+        "with 95%% Wilson intervals. Arguments that are checkpoint folders (holding config.json) or Hub ids "
+        "come first; the rest are inputs.",
+    )
+    p.add_argument("items", nargs="+", metavar="CHECKPOINT... INPUT...",
+                   help="checkpoint folders (with config.json) or hf-hub:org/name ids, then field photos, "
+                        "folders or .zip archives")
+    p.add_argument("--task", choices=["blood-cells", "malaria"], default=None,
+                   help="use only this task's models (default: every task of the checkpoints)")
+    p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
+    p.add_argument("--csv", metavar="OUT", type=Path, default=None, help="write one row per cell to OUT")
+    p.add_argument("--annotated-dir", type=Path, default=None,
+                   help="write each field with its cells boxed (colour = class; yellow = uncertain) here")
+    p.add_argument("--half-width", type=float, default=None,
+                   help="target half-width of the 95%% interval for 'more cells needed' (default 0.05 for a "
+                        "differential, 0.005 for parasitemia)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.set_defaults(func=_analyze)
+
+
+def _split_checkpoints(items: list[str]) -> tuple[list[str], list[str]]:
+    """Leading items that are checkpoints (a folder with config.json, or a Hub id) / the inputs."""
+    n = 0
+    for item in items:
+        path = Path(item)
+        hub_id = item.startswith("hf-hub:") or (not path.exists() and item.count("/") == 1 and not Path(item).suffix)
+        if (path.is_dir() and (path / "config.json").is_file()) or hub_id:
+            n += 1
+        else:
+            break
+    return items[:n], items[n:]
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .fields import analyze_fields, annotate
+    from .images import InputError, Limits
+    from .predict import load_predictors
+
+    checkpoints, inputs = _split_checkpoints(args.items)
+    if not checkpoints:
+        print("error: no checkpoint given first (a folder holding config.json, e.g. checkpoints/smallcnn-blood-cells, "
+              "or hf-hub:org/name)", file=sys.stderr)
+        return 2
+    if not inputs:
+        print("error: no field photos given after the checkpoints", file=sys.stderr)
+        return 2
+    predictors, failures = load_predictors(checkpoints, device=args.device)
+    for src, why in failures:
+        print(f"error: could not load checkpoint {src}: {why}", file=sys.stderr)
+    if failures or not predictors:
+        return 2
+    saver = None
+    if args.annotated_dir is not None:
+        args.annotated_dir.mkdir(parents=True, exist_ok=True)
+
+        def saver(res: Any, img: Any) -> None:
+            stem = Path(res.file.replace("/", "__")).stem or "field"
+            annotate(img, res).save(args.annotated_dir / f"{stem}.annotated.png")
+
+    try:
+        result = analyze_fields(inputs, predictors, args.task, half_width=args.half_width,
+                                limits=Limits(max_images=sys.maxsize), on_field=saver)
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_fields(result)
+    if args.json:
+        print(f"JSON written to {_write_json(args.json, result.as_dict())}")
+    if args.csv is not None:
+        print(f"cells written to {result.write_csv(args.csv)}")
+    if args.annotated_dir is not None:
+        print(f"annotated fields written to {args.annotated_dir}")
+    return 0 if result.images else 2
+
+
+def _print_fields(result: Any) -> None:
+    for im in result.images:
+        c = im.counts
+        print(f"{im.file}\t{c['wbc']} white, {c['rbc']} red, {c['platelet']} platelets\t"
+              + ", ".join(f"{k} {v}" for k, v in c["by_label"].items()) + f"\t{c['uncertain']} uncertain")
+    for name, reason in result.skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    s = result.summary
+    print(f"\n{s['fields']} field(s) analysed, {s['skipped']} skipped")
+    if "differential" in s:
+        print(f"differential of {s['n_wbc']} white cells (95% Wilson interval):")
+        for lab, d in s["differential"].items():
+            print(f"  {lab:<22} {d['count']:>5}  {100 * d['fraction']:5.1f}%  [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]")
+        if s["differential_more_cells_needed"] is not None:
+            print(f"  {s['differential_more_cells_needed']} more white cells for a half-width of "
+                  f"{100 * s['differential_half_width']:g} points")
+    if "parasitemia" in s:
+        lo, hi = s["ci95"]
+        print(f"parasitemia {100 * s['parasitemia']:.2f}% ({s['n_parasitized']} of {s['n_rbc']} red cells), "
+              f"95% Wilson interval [{100 * lo:.2f}, {100 * hi:.2f}]%")
+        if s["malaria_more_cells_needed"] is not None:
+            print(f"  {s['malaria_more_cells_needed']} more red cells for a half-width of "
+                  f"{100 * s['malaria_half_width']:g} points")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m cellhub`` parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="python -m cellhub",
-        description="Classify (predict), score (evaluate) and check for leaks (audit) blood-smear cell images.")
+        description="Classify (predict), score (evaluate) and check for leaks (audit) blood-smear cell images; "
+                    "analyse whole microscope fields (analyze).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_audit, _add_evaluate, _add_predict):
+    for add in (_add_audit, _add_evaluate, _add_predict, _add_analyze):
         add(sub)
     return parser
 
