@@ -39,6 +39,15 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cellhub.batch import BatchResult, predict_files  # noqa: E402
+from cellhub.fields import (  # noqa: E402
+    ROW_HEADER,
+    FieldsResult,
+    analyze_fields,
+    annotate,
+    cell_crops,
+    classified_kind,
+    result_rows,
+)
 from cellhub.images import DEFAULT_LIMITS, InputError, Limits, collect_images, read_image  # noqa: E402
 from cellhub.predict import Consensus, Prediction, Predictor, consensus, load_predictors  # noqa: E402
 from cellhub.serving import (  # noqa: E402
@@ -382,6 +391,108 @@ def predict_batch(
     return [counts_markdown(result, task), table, str(csv_path), skipped_markdown(result.skipped)]
 
 
+# ------------------------------------------------------------------------------ whole fields
+def fields_summary_markdown(result: FieldsResult, task: str) -> str:
+    """The pooled differential or parasitemia with its 95% interval, then a table per field."""
+    s = result.summary
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    lines = []
+    if task == "malaria":
+        lo, hi = s["ci95"]
+        lines.append(f"### Parasitemia {pct(s['parasitemia'])} (95% CI {pct(lo)}–{pct(hi)})")
+        lines.append(f"{s['n_parasitized']} parasitized of {s['n_rbc']} red cells in {s['fields']} field(s); "
+                     f"{s.get('n_uncertain_rbc', 0)} flagged uncertain (without them: "
+                     f"{pct(s['parasitemia_confident'])} of {s['n_rbc_confident']}).")
+        more = s.get("malaria_more_cells_needed")
+        if more:
+            lines.append(f"About {more} more red cells would narrow the interval to ±{100 * s['malaria_half_width']:g} "
+                         "points.")
+    else:
+        n = s.get("n_wbc", 0)
+        lines.append(f"### Differential over {n} white cell{'s' if n != 1 else ''} in {s['fields']} field(s)")
+        lines += ["", "| class | cells | share | 95% CI |", "|---|---|---|---|"]
+        for label, d in s.get("differential", {}).items():
+            lo, hi = d["ci95"]
+            lines.append(f"| {label} | {d['count']} | {pct(d['fraction'])} | {pct(lo)}–{pct(hi)} |")
+        more = s.get("differential_more_cells_needed")
+        lines.append("")
+        if more:
+            lines.append(f"About {more} more white cells would narrow every interval to "
+                         f"±{100 * s['differential_half_width']:g} points (a lab differential counts 100 cells).")
+        if s.get("n_uncertain_wbc"):
+            lines.append(f"{s['n_uncertain_wbc']} white cell(s) flagged uncertain: review them (yellow boxes).")
+    lines += ["", "| field | white cells | red cells | platelets | uncertain | labels |", "|---|---|---|---|---|---|"]
+    for im in result.images:
+        c = im.counts
+        labels = ", ".join(f"{k} {v}" for k, v in c["by_label"].items()) or "–"
+        lines.append(f"| {im.file} | {c['wbc']} | {c['rbc']} | {c['platelet']} | {c['uncertain']} | {labels} |")
+    return "\n".join(lines)
+
+
+def analyze_field_upload(
+    state: AppState, files: list[str] | str | None, task: str, progress: gr.Progress = gr.Progress()
+) -> list[Any]:
+    """``/analyze_field``: [annotated fields (gallery), summary markdown, per-cell table, CSV path,
+    skipped-files markdown, JSON]; the session keeps the fields for a selected cell's Grad-CAM."""
+    predictors = models_for(state, task)
+    if isinstance(files, (str, Path)):
+        files = [files]
+    paths = [str(getattr(f, "name", f)) for f in (files or []) if f]
+    if not paths:
+        raise gr.Error("No files uploaded: add photos of microscope fields, or one .zip of them.")
+    prune_outputs(state)
+    kept: dict[str, str] = {}
+    gallery: list[tuple[str, str]] = []
+
+    def keep(res: Any, img: Image.Image) -> None:
+        stem = uuid.uuid4().hex
+        img.convert("RGB").save(state.out_dir / f"field-{stem}.jpg", quality=92)
+        annotate(img, res).save(state.out_dir / f"annotated-{stem}.jpg", quality=90)
+        kept[res.file] = str(state.out_dir / f"field-{stem}.jpg")
+        gallery.append((str(state.out_dir / f"annotated-{stem}.jpg"), res.file))
+
+    try:
+        result = analyze_fields(paths, predictors, task, limits=state.limits, on_field=keep,
+                                progress=lambda d, t: progress((d, t), desc="analysing fields", unit="fields"))
+    except InputError as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+    if not result.images:
+        raise gr.Error("No field could be analysed: " + "; ".join(f"{n}: {r}" for n, r in result.skipped[:5]))
+    rows = [row for im in result.images for row in result_rows(im)]
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+    csv_path = result.write_csv(state.out_dir / f"cellhub-fields-{task}-{stamp}.csv")
+    session = {"task": task, "fields": {im.file: (kept[im.file], im) for im in result.images},
+               "rows": [(r[0], int(r[1]) - 1) for r in rows]}
+    return [gallery, fields_summary_markdown(result, task), {"headers": ROW_HEADER, "data": rows}, str(csv_path),
+            skipped_markdown(result.skipped), result.as_dict(), session]
+
+
+def field_cell_cam(state: AppState, session: dict | None, evt: gr.SelectData) -> list[Any]:
+    """A row of the per-cell table selected: that cell's crop through every model, with Grad-CAM."""
+    if not session or evt is None or not isinstance(evt.index, (list, tuple)):
+        return [[], "Select a cell in the table to see where each model looked."]
+    row = int(evt.index[0])
+    if not 0 <= row < len(session["rows"]):
+        return [[], "Select a cell in the table to see where each model looked."]
+    file, i = session["rows"][row]
+    src, res = session["fields"][file]
+    cell = res.cells[i]
+    kind = classified_kind(session["task"])
+    if cell.kind != kind:
+        return [[], f"Cell {i + 1} of {file} is a {cell.kind}: the {session['task']} models do not classify it."]
+    img = read_image(src, limits=state.limits)
+    wbc_boxes = [c.box for c in res.cells if c.kind == "wbc"]
+    crop = cell_crops(img, [cell.box], kind, wbc_boxes)[0]
+    out = []
+    for p in models_for(state, session["task"]):
+        pred = p.predict([crop], with_cam=True)[0]
+        path = save_overlay(state, p, crop, pred) if pred.cam is not None else None
+        if path:
+            out.append((path, f"{p.name}: {pred.label} {pred.confidence:.0%}"))
+    flag = " — uncertain, review it" if cell.uncertain else ""
+    return [out, f"Cell {i + 1} of {file}: **{cell.label}**{flag}. Grad-CAM of each model's predicted class."]
+
+
 def _bind(fn: Callable[..., Any], state: AppState) -> Callable[..., Any]:
     """``fn`` with ``state`` bound, for Gradio, counted in ``state.inflight`` while it runs. Its
     signature is ``fn``'s without ``state``, so Gradio still finds a ``gr.Progress`` default; it
@@ -395,6 +506,8 @@ def _bind(fn: Callable[..., Any], state: AppState) -> Callable[..., Any]:
 
     run.__name__ = run.__qualname__ = fn.__name__
     run.__signature__ = inspect.signature(bound)  # type: ignore[attr-defined]
+    # Gradio finds gr.SelectData / gr.Progress parameters from the annotations: keep fn's
+    run.__annotations__ = {k: v for k, v in getattr(fn, "__annotations__", {}).items() if k != "state"}
     run.__doc__ = None
     return run
 
@@ -459,6 +572,28 @@ def _batch_tab() -> tuple[gr.File, gr.Button, list[gr.components.Component]]:
     return files, run_batch, [batch_summary, batch_table, batch_csv, batch_skipped]
 
 
+def _fields_tab() -> tuple[gr.File, gr.Button, list[gr.components.Component], gr.Dataframe, list[Any]]:
+    """The "Whole field" tab: (files, button, outputs of ``analyze_field_upload``, cell table, CAM outputs)."""
+    files = gr.File(file_count="multiple", file_types=["image", ".zip"],
+                    label="Photos of microscope fields (one smear), or a .zip of them", elem_id="field-files")
+    run = gr.Button("Analyse fields", variant="primary", elem_id="analyze-fields")
+    gr.Markdown("Every cell is found and boxed (white cells, red cells, platelets); the selected task's models "
+                "classify the white cells (blood cells) or the red cells (malaria). Yellow boxes: uncertain.")
+    gallery = gr.Gallery(label="Annotated fields", columns=2, height=420, elem_id="field-gallery")
+    summary = gr.Markdown(elem_id="field-summary")
+    table = gr.Dataframe(label="Cells (select a row for its Grad-CAM)", interactive=False, wrap=True,
+                         elem_id="field-table")
+    with gr.Row():
+        cams = gr.Gallery(label="Selected cell: each model's Grad-CAM", columns=3, height=260, elem_id="field-cams")
+        cam_note = gr.Markdown(elem_id="field-cam-note")
+    csv_file = gr.File(label="Download CSV (one row per cell)", interactive=False, elem_id="field-csv")
+    skipped = gr.Markdown(elem_id="field-skipped")
+    with gr.Accordion("Result as JSON", open=False):
+        as_json = gr.JSON(elem_id="field-json")
+    session = gr.State(None)
+    return files, run, [gallery, summary, table, csv_file, skipped, as_json, session], table, [session, cams, cam_note]
+
+
 def build_app(
     models: Sequence[Predictor],
     *,
@@ -476,8 +611,8 @@ def build_app(
     ``out_dir`` receives CAM overlays and CSVs: inside Gradio's cache folder they are served
     without a second copy. ``delete_cache`` is Gradio's own age-based sweep (every, older than; s).
 
-    API (``gradio_client``): ``/predict`` (image file, task name) and ``/predict_batch`` (list of
-    image files or a .zip, task name).
+    API (``gradio_client``): ``/predict`` (image file, task name), ``/predict_batch`` (list of
+    image files or a .zip, task name) and ``/analyze_field`` (list of field photos or a .zip, task name).
     """
     state = make_state(models, failures=failures, limits=limits, out_dir=out_dir)
     by_task, tasks = state.by_task, state.tasks
@@ -500,6 +635,8 @@ def build_app(
             image, run, single_outputs = _single_tab(state)
         with gr.Tab("Batch"):
             files, run_batch, batch_outputs = _batch_tab()
+        with gr.Tab("Whole field"):
+            field_files, run_fields, field_outputs, field_table, (session, cams, cam_note) = _fields_tab()
 
         single = _bind(predict_single, state)
         run.click(single, [image, task], single_outputs, api_name="predict")
@@ -508,6 +645,9 @@ def build_app(
             _bind(rerun_single, state), [image, task], single_outputs, api_visibility="private"
         )
         run_batch.click(_bind(predict_batch, state), [files, task], batch_outputs, api_name="predict_batch")
+        run_fields.click(_bind(analyze_field_upload, state), [field_files, task], field_outputs,
+                         api_name="analyze_field")
+        field_table.select(_bind(field_cell_cam, state), [session], [cams, cam_note], api_visibility="private")
     demo.queue(default_concurrency_limit=max(1, concurrency), max_size=max(1, queue_size))
     demo.cellhub_state = state  # type: ignore[attr-defined]  # for the server loop (shutdown waits on it)
     return demo

@@ -35,7 +35,7 @@ from .predict import Prediction, Predictor, consensus
 
 __all__ = [
     "CellResult", "FieldResult", "FieldsResult", "analyze_field", "analyze_fields", "annotate", "result_rows",
-    "wilson_interval", "cells_needed", "wbc_crop", "rbc_crop", "DEFAULT_HALF_WIDTH", "classified_kind",
+    "wilson_interval", "cells_needed", "wbc_crop", "rbc_crop", "cell_crops", "DEFAULT_HALF_WIDTH", "classified_kind",
 ]
 
 logger = logging.getLogger(__name__)
@@ -288,17 +288,22 @@ def _check_field(det: Detection, arr: np.ndarray, name: str, allow_single_cell: 
                          "this is a blood-smear photo.")
 
 
+def cell_crops(image: Image.Image, boxes: Sequence[Sequence[int]], kind: str,
+               wbc_boxes: Sequence[Sequence[int]] = ()) -> list[Image.Image]:
+    """The crops the classifiers of ``kind`` see for the cells in ``boxes`` (what analysis and CAM use)."""
+    if kind == "wbc":
+        return [wbc_crop(image, b) for b in boxes]
+    bg = float(np.percentile(np.asarray(image)[::4, ::4, 1], 95))
+    wbc = Image.new("L", image.size, 0)
+    for b in wbc_boxes:  # a white cell's edge inside a red cell's box is not part of that cell
+        ImageDraw.Draw(wbc).ellipse(list(b), fill=255)
+    exclude = np.asarray(wbc) > 0 if wbc_boxes else None
+    return [rbc_crop(image, b, background_green=bg, exclude=exclude) for b in boxes]
+
+
 def _classify(image: Image.Image, cells: list[Cell], kind: str, predictors: list[Predictor],
               wbc_boxes: Sequence[Sequence[int]] = ()) -> list[CellResult]:
-    if kind == "wbc":
-        crops = [wbc_crop(image, c.box) for c in cells]
-    else:
-        bg = float(np.percentile(np.asarray(image)[::4, ::4, 1], 95))
-        wbc = Image.new("L", image.size, 0)
-        for b in wbc_boxes:  # a white cell's edge inside a red cell's box is not part of that cell
-            ImageDraw.Draw(wbc).ellipse(list(b), fill=255)
-        exclude = np.asarray(wbc) > 0 if wbc_boxes else None
-        crops = [rbc_crop(image, c.box, background_green=bg, exclude=exclude) for c in cells]
+    crops = cell_crops(image, [c.box for c in cells], kind, wbc_boxes)
     answers = {p.name: p.predict(crops, with_cam=False) if crops else [] for p in predictors}  # one call per model
     out = []
     for i, c in enumerate(cells):

@@ -20,7 +20,7 @@ from cellhub import hub  # noqa: E402
 from cellhub.models import create_model  # noqa: E402
 from cellhub.images import Limits  # noqa: E402
 from cellhub.predict import load_predictors  # noqa: E402
-from cellhub.synthetic import draw_blood_cell, draw_malaria_cell  # noqa: E402
+from cellhub.synthetic import draw_blood_cell, draw_malaria_cell, draw_smear  # noqa: E402
 
 BLOOD_LABELS = {"eosinophil", "lymphocyte", "monocyte", "neutrophil"}
 
@@ -254,3 +254,63 @@ def test_handlers_run_without_the_ui(checkpoints: dict[str, Path], cell_png: Pat
     assert "1 image(s)" in summary_md and [row[0] for row in table["data"]] == ["cell.png"]
     assert Path(csv_path).parent == tmp_path / "out" and skipped_md == ""
     assert steps and steps[-1] == (1, 1)
+
+
+@pytest.fixture(scope="module")
+def field_jpg(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[int, int, int, int]]:
+    """A drawn 480x360 microscope field (under the test server's 200,000-pixel limit) and its white cell's box."""
+    image, box = draw_smear("neutrophil", seed=6, size=(480, 360))
+    path = tmp_path_factory.mktemp("field") / "field_01.jpg"
+    image.save(path, quality=95)
+    return path, box
+
+
+def test_analyze_field_finds_classifies_and_exports(server: tuple[str, Client], field_jpg, tmp_path: Path) -> None:
+    _, client = server
+    path, _ = field_jpg
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (200, 150), (250, 250, 250)).save(blank)
+    gallery, summary, table, csv_path, skipped, as_json = client.predict(
+        [handle_file(str(path)), handle_file(str(blank))], "blood-cells", api_name="/analyze_field")
+    assert len(gallery) == 1 and Path(gallery[0]["image"]).is_file()
+    assert "Differential over 1 white cell in 1 field(s)" in summary and "| field_01.jpg | 1 |" in summary
+    wbc = [row for row in table["data"] if row[2] == "wbc"]
+    assert len(wbc) == 1 and wbc[0][7] in BLOOD_LABELS
+    assert any(row[2] == "rbc" for row in table["data"])
+    rows = list(csv.reader(open(csv_path, newline="")))
+    assert rows[0] == app.ROW_HEADER and len(rows) == 1 + len(table["data"])
+    assert "blank.png" in skipped  # a blank photo is reported, the field still analysed
+    cells = as_json["images"][0]["cells"]
+    assert as_json["task"] == "blood-cells" and {c["kind"] for c in cells} >= {"wbc", "rbc"}
+
+
+def test_analyze_field_bad_upload_is_a_message(server: tuple[str, Client], tmp_path: Path, cell_png: Path) -> None:
+    _, client = server
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (200, 150), (250, 250, 250)).save(blank)
+    with pytest.raises(Exception, match="No field could be analysed: blank.png"):
+        client.predict([handle_file(str(blank))], "blood-cells", api_name="/analyze_field")
+    # the server keeps serving
+    assert client.predict(handle_file(str(cell_png)), "blood-cells", api_name="/predict")[1]["consensus"]["label"]
+
+
+class _Selected:
+    """What Gradio hands a ``.select`` handler: the clicked cell's [row, column]."""
+
+    def __init__(self, row: int) -> None:
+        self.index = [row, 0]
+
+
+def test_selected_cell_gets_every_models_cam(checkpoints: dict[str, Path], field_jpg, tmp_path: Path) -> None:
+    predictors, _ = load_predictors([str(checkpoints[n]) for n in ("small-a", "small-b", "small-malaria")])
+    state = app.make_state(predictors, out_dir=tmp_path / "out")
+    path, box = field_jpg
+    outputs = app.analyze_field_upload(state, [str(path)], "blood-cells", progress=lambda *a, **k: None)
+    table, session = outputs[2], outputs[-1]
+    row = next(i for i, r in enumerate(table["data"]) if r[2] == "wbc")
+    cams, note = app.field_cell_cam(state, session, _Selected(row))
+    assert [c[1].split(":")[0] for c in cams] == ["small-a", "small-b"] and all(Path(c[0]).is_file() for c in cams)
+    assert "field_01.jpg" in note
+    rbc_row = next(i for i, r in enumerate(table["data"]) if r[2] == "rbc")
+    cams, note = app.field_cell_cam(state, session, _Selected(rbc_row))
+    assert cams == [] and "do not classify it" in note
