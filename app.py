@@ -39,6 +39,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cellhub.batch import BatchResult, predict_files  # noqa: E402
+from cellhub.cellcheck import check_cell_image  # noqa: E402
 from cellhub.fields import (  # noqa: E402
     ROW_HEADER,
     FieldsResult,
@@ -315,6 +316,13 @@ def predict_single(state: AppState, image: str | None, task: str) -> list[Any]:
         img = read_image(image, name=Path(image).name, limits=state.limits)
     except InputError as exc:
         raise gr.Error(str(exc), print_exception=False) from exc
+    verdict = check_cell_image(img)
+    if not verdict.ok:  # said so, not classified
+        note = (f"### Not a blood-cell image\n{Path(image).name}: {verdict.reason}. Nothing was classified: upload "
+                "a crop of one stained blood cell (or use the *Whole field* tab for a field photo).")
+        summary = {"task": task, "image_size": list(img.size), "not_a_blood_cell": True, "reason": verdict.reason,
+                   "consensus": None, "models": []}
+        return [note, summary, *([None, None, None] * state.n_slots)]
     preds: list[Prediction] = []
     slots: list[Any] = []
     for p in predictors:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from .cellcheck import check_cell_image
 from .images import DEFAULT_LIMITS, ImageRef, InputError, Limits, read_image
 from .predict import Consensus, Prediction, Predictor, consensus
 from .serving import cpu_cores
@@ -160,6 +161,26 @@ def _task_labels(predictors: Sequence[Predictor]) -> list[str]:
     return labels
 
 
+def _decoder(transforms: Sequence[Callable[[Image.Image], torch.Tensor]], limits: Limits, check_cells: bool
+             ) -> Callable[[ImageRef, bytes | InputError], tuple[Image.Image, list[torch.Tensor]] | InputError]:
+    """``decode(ref, blob)``: the image and its tensors for each transform, or the InputError saying why not."""
+
+    def decode(ref: ImageRef, blob: bytes | InputError) -> tuple[Image.Image, list[torch.Tensor]] | InputError:
+        if isinstance(blob, InputError):
+            return blob
+        try:
+            img = read_image(blob, name=ref.name, limits=limits)
+        except InputError as exc:
+            return exc
+        if check_cells:
+            verdict = check_cell_image(img)
+            if not verdict.ok:
+                return InputError(f"{ref.name}: not a blood-cell image: {verdict.reason}; not classified.")
+        return img, [t(img) for t in transforms]
+
+    return decode
+
+
 def predict_files(
     predictors: Sequence[Predictor],
     refs: Sequence[ImageRef],
@@ -172,6 +193,7 @@ def predict_files(
     on_chunk: Callable[[list[ImageRef], list[Image.Image], list[dict[str, Prediction]]], None] | None = None,
     forward_batch_size: int | None = None,
     keep_results: bool = True,
+    check_cells: bool = True,
 ) -> BatchResult:
     """Predict every image with every model: ``batch_size`` images decoded at once, run through
     each model ``forward_batch_size`` at a time (default: each predictor's own, 8 on the CPU).
@@ -183,7 +205,9 @@ def predict_files(
     ``on_chunk(refs, images, predictions)`` lets a caller use the decoded images (e.g. to save
     CAM overlays, or to stream rows to a CSV) before they are dropped. With ``keep_results=False``
     the result keeps only the counts and the skipped files, so memory stays flat for any number
-    of images.
+    of images. With ``check_cells`` an image that does not look like a stained blood-cell image
+    (:func:`cellhub.cellcheck.check_cell_image`) is not classified: it is listed in ``skipped`` as
+    "not a blood-cell image" with the reason.
     """
     if not predictors:
         raise ValueError("no models to predict with")
@@ -201,15 +225,7 @@ def predict_files(
     transforms = [predictors[keys.index(k)].transform for k in distinct]
     which = [distinct.index(k) for k in keys]
 
-    def decode(ref: ImageRef, blob: bytes | InputError) -> tuple[Image.Image, list[torch.Tensor]] | InputError:
-        if isinstance(blob, InputError):
-            return blob
-        try:
-            img = read_image(blob, name=ref.name, limits=limits)
-        except InputError as exc:
-            return exc
-        return img, [t(img) for t in transforms]
-
+    decode = _decoder(transforms, limits, check_cells)
     chunks = iter_decoded(list(refs), decode, read=lambda chunk: _read_blobs(chunk, limits),
                           chunk_size=batch_size, workers=workers)
     for start, chunk, decoded in chunks:

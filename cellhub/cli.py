@@ -145,6 +145,9 @@ def _add_predict(subparsers: Any) -> None:
     p.add_argument("--resume", action="store_true",
                    help="with --csv: skip the images already in the CSV and append the others")
     p.add_argument("--quiet", action="store_true", help="no line per image on the terminal (the CSV has them)")
+    p.add_argument("--no-cell-check", dest="cell_check", action="store_false",
+                   help="classify every image, also those that do not look like a stained blood-cell image "
+                        "(by default they are listed as skipped: 'not a blood-cell image')")
     p.add_argument("--batch-size", type=int, default=32,
                    help="images decoded at once (default 32); each forward pass takes 8 of them on the CPU, 32 on a GPU")
     p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default: CPUs + 1, max 8)")
@@ -306,6 +309,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         result = predict_files([predictor], refs, batch_size=args.batch_size, workers=args.workers,
+                               check_cells=args.cell_check,
                                with_cam=save_cams is not None, on_chunk=on_chunk, keep_results=False,
                                progress=lambda done, total, _m: bar.update(done - bar.n))
     finally:

@@ -42,7 +42,7 @@ _BACKGROUND = (232, 214, 212)
 _RBC = (214, 148, 150)
 _CYTOPLASM = (205, 186, 218)
 _NUCLEUS = (92, 42, 132)
-_GRANULE = (226, 112, 74)
+_GRANULE = (190, 105, 140)  # pink-red eosinophilic granules, as stained (within the stain palette)
 
 
 def _check_label(task: str, label: str) -> str:
@@ -278,7 +278,7 @@ def write_kaggle_malaria(root: str | Path, n_per_class: int = 8, n_patients: int
     n_patients = max(1, n_patients)
     infected = [f"C{100 + i}P{60 + i}" for i in range(n_patients)]
     healthy = [f"C{10 + i}N" for i in range(max(1, n_patients // 2))]
-    tints = {g: tuple(int(v) for v in rng.integers(-25, 26, size=3)) for g in infected + healthy}
+    tints = {g: tuple(int(v) for v in rng.integers(-12, 13, size=3)) for g in infected + healthy}
     trees = [root / "cell_images"] + ([root / "cell_images" / "cell_images"] if nested_copy else [])
     for label, folder, groups in (("parasitized", "Parasitized", infected),
                                   ("uninfected", "Uninfected", infected + healthy)):
