@@ -79,18 +79,21 @@ class DetectParams:
     #: cell mask: darker (green channel) than the background by this much (0-255), or Otsu's threshold if lower
     fg_margin: float = 30.0
     #: red-cell circles: centres at least this far apart (in r), Canny edge threshold, votes (per r)
-    rbc_min_dist: float = 1.4
+    rbc_min_dist: float = 1.6
     hough_edge: float = 40.0
     rbc_min_radius: float = 0.8
     rbc_max_radius: float = 1.4
     hough_votes: float = 0.8
     #: a circle is a red cell when this fraction of its disk is cell mask
-    rbc_cover: float = 0.7
+    rbc_cover: float = 0.8
+    #: the red-cell mask also takes pixels this much redder (``red - green``, 0-255) than the background,
+    #: holes filled: a pale red cell is only a ring in the darkness mask (0: off)
+    rbc_redness: float = 12.0
     #: smallest red-cell region counted (in r^2)
     rbc_min_area: float = 0.6
     #: a red cell cut by the image border is counted when its visible area is at least this (in r^2);
     #: BCCD annotators skip most cells cut by the border
-    rbc_border_min_area: float = 1.6
+    rbc_border_min_area: float = 2.8
 
 
 DEFAULT_PARAMS = DetectParams()
@@ -195,6 +198,14 @@ def _peaks(dt: np.ndarray, min_value: float, sep: float) -> np.ndarray:
             kept.append(i)
             suppressed[tree.query_ball_point(centres[i], sep - 1e-9)] = True
     return np.round(centres[kept]).astype(np.int64)
+
+
+def _redder(arr: np.ndarray, margin: float) -> np.ndarray:
+    """Pixels whose ``red - green`` is ``margin`` above the background's: red cells, pale ones too
+    (their green is close to the background's, their redness is not)."""
+    f = cv2.GaussianBlur(arr, (0, 0), 1.2).astype(np.float32)
+    redness = f[..., 0] - f[..., 1]
+    return redness > float(np.percentile(redness, 5)) + margin
 
 
 def estimate_radius(arr: np.ndarray, p: DetectParams = DEFAULT_PARAMS) -> float | None:
@@ -325,14 +336,14 @@ def _detect_tile(arr: np.ndarray, r: float, p: DetectParams) -> list[tuple[str, 
     fg = _foreground(arr, p, r)
     out: list[tuple[str, Box, float, tuple[float, float]]] = []
     wbc_boxes = []
-    cut = fg.copy()
+    keep = np.ones((h, w), np.uint8)  # 0 inside white cells
     for box, a in wbc_n:
         cell = _grow(box, r, p, w, h)
         wbc_boxes.append(cell)
         out.append(("wbc", cell, a, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)))
         x0, y0, x1, y1 = cell
         centre = ((x0 + x1) // 2, (y0 + y1) // 2)
-        cv2.ellipse(cut, centre, (max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2)), 0, 0, 360, 0, -1)
+        cv2.ellipse(keep, centre, (max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2)), 0, 0, 360, 0, -1)
     for box, a in small:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         near_wbc = any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in wbc_boxes)
@@ -341,7 +352,8 @@ def _detect_tile(arr: np.ndarray, r: float, p: DetectParams) -> list[tuple[str, 
         pad = 1
         pbox = (max(0, box[0] - pad), max(0, box[1] - pad), min(w, box[2] + pad), min(h, box[3] + pad))
         out.append(("platelet", pbox, a, (cx, cy)))
-    for box, a, (row, col) in _red_cells(arr, cut.astype(bool), r, p):
+    red = ndi.binary_fill_holes(fg | _redder(arr, p.rbc_redness)) if p.rbc_redness > 0 else fg
+    for box, a, (row, col) in _red_cells(arr, red & keep.astype(bool), r, p):
         out.append(("rbc", box, a, (float(col), float(row))))
     return out
 
