@@ -63,6 +63,8 @@ class DetectParams:
     lobe_merge: float = 0.5
     #: a purple group with at least this area (in r^2) is a white cell
     wbc_min_area: float = 1.5
+    #: a purple group cut by the image border is a white cell only from this area (in r^2)
+    wbc_border_min_area: float = 2.0
     #: a smaller purple group (at least this, in r^2) is a white cell when cytoplasm surrounds it:
     #: at least ``cytoplasm_fraction`` of a ring round it has blue - red > ``cytoplasm_blue`` and is
     #: ``cytoplasm_dark`` darker in green than the background
@@ -249,6 +251,9 @@ def _purple_groups(arr: np.ndarray, r: float, p: DetectParams) -> tuple[list[tup
             continue
         box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
         a = float(g_area[i])
+        cut = box[0] == 0 or box[1] == 0 or box[2] == arr.shape[1] or box[3] == arr.shape[0]
+        if cut and a < p.wbc_border_min_area * r2:
+            continue  # the sliver of a white cell cut by the border: not counted (nor a platelet)
         if a >= p.wbc_min_area * r2 or (a >= p.wbc_small_area * r2 and _has_cytoplasm(arr, group == i, r, p)):
             wbc.append((box, a))
         elif a <= p.platelet_max_area * r2:
