@@ -53,6 +53,8 @@ class DetectParams:
     work_radius: float = 16.0
     #: longest side of the thumbnail the scale is measured on, pixels
     thumb_side: int = 384
+    #: the scale's cell mask also takes pixels this much redder than the background (0: off)
+    scale_redness: float = 16.0
     #: working images with a side over this many pixels are processed in tiles
     tile: int = 768
     #: ``blue - red`` above which a pixel is nucleus (0-255 scale, after a small blur)
@@ -83,7 +85,7 @@ class DetectParams:
     #: red-cell circles: centres at least this far apart (in r), Canny edge threshold, votes (per r)
     rbc_min_dist: float = 1.6
     hough_edge: float = 40.0
-    rbc_min_radius: float = 0.8
+    rbc_min_radius: float = 0.7
     rbc_max_radius: float = 1.4
     hough_votes: float = 0.8
     #: a circle is a red cell when this fraction of its disk is cell mask
@@ -213,6 +215,8 @@ def _redder(arr: np.ndarray, margin: float) -> np.ndarray:
 def estimate_radius(arr: np.ndarray, p: DetectParams = DEFAULT_PARAMS) -> float | None:
     """The typical red-cell radius in ``arr``'s pixels (median distance-transform peak), or None."""
     mask = _foreground(arr, p)
+    if p.scale_redness > 0:  # pale red cells are rings in the darkness mask: fill them by their redness
+        mask = ndi.binary_fill_holes(mask | _redder(arr, p.scale_redness))
     if mask.mean() < 0.01:
         return None
     dt = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
