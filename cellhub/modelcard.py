@@ -219,10 +219,15 @@ def _evaluation(metrics: Mapping[str, Any], labels: list[Any]) -> dict[str, Any]
     splits = metrics.get("splits")
     split_rows = None
     if isinstance(splits, Mapping) and len(splits) > 1:
-        split_rows = [{"name": name, "n_images": sm.get("n_images", ""), "n_groups": sm.get("n_groups", ""),
-                       "accuracy": _fmt(sm.get("accuracy")), "ci": format_ci(sm.get("ci95")),
-                       "macro_f1": _fmt(sm.get("macro_f1")), "macro_f1_ci": format_ci(sm.get("macro_f1_ci95"))}
-                      for name, sm in splits.items() if isinstance(sm, Mapping)]
+        split_rows = []
+        for name, sm in splits.items():
+            if not isinstance(sm, Mapping):
+                continue  # each split, then each source's part of it (multi-source training)
+            parts = [(name, sm)] + [(f"{name} / {src}", ps) for src, ps in (sm.get("per_source") or {}).items()]
+            split_rows += [{"name": n, "n_images": m.get("n_images", ""), "n_groups": m.get("n_groups", ""),
+                            "accuracy": _fmt(m.get("accuracy")), "ci": format_ci(m.get("ci95")),
+                            "macro_f1": _fmt(m.get("macro_f1")), "macro_f1_ci": format_ci(m.get("macro_f1_ci95"))}
+                           for n, m in parts]
     class_rows = [{"name": name, "precision": _fmt(pc.get("precision")), "recall": _fmt(pc.get("recall")),
                    "f1": _fmt(pc.get("f1")), "support": pc.get("support", "")}
                   for name, pc in (metrics.get("per_class") or {}).items()]

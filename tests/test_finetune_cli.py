@@ -146,3 +146,14 @@ def test_init_from_and_learning_curve(malaria, tmp_path):
     recipe = json.loads((out / "n2" / "config.json").read_text())["cellhub"]["recipe"]
     assert recipe["init_from"] == "local folder 'first' (checkpoint)"
     assert lc.main(["--dataset", str(malaria), "--sizes", "0"]) == 2
+
+
+def test_dataset_flag_repeats_for_several_sources():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_cli", ROOT / "train" / "finetune.py")
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    one = ft.config_from_args(ft.parse_args(["--dataset", "a"]))
+    two = ft.config_from_args(ft.parse_args(["--dataset", "a", "--dataset", "b", "--group-by", "file"]))
+    assert one.dataset == "a" and two.dataset == ["a", "b"] and two.group_by == "file"

@@ -206,3 +206,24 @@ def test_fit_init_from_a_checkpoint_on_new_data(blood, tmp_path):
     assert recipe["model"] == "smallcnn" and m["model"] == "smallcnn"
     assert recipe["init_from"] == "local folder 'first' (checkpoint)"
     assert any("initialised from" in n for n in recipe["notes"])
+
+
+def test_fit_on_two_sources_reports_each_and_pooled(tmp_path):
+    """--dataset A --dataset B: one task, validation per source, metrics per source and pooled."""
+    from cellhub.synthetic import write_imagefolder
+
+    a = write_imagefolder(tmp_path / "lab-a", task="blood-cells", n_per_class=6, size=32, splits=None)
+    b = write_imagefolder(tmp_path / "lab-b", task="blood-cells", n_per_class=6, size=32, splits=None, seed=1)
+    (b / "basophil").mkdir()  # a class the 4-class task does not have: left out and said so
+    draw_blood_cell("neutrophil", size=(32, 32), seed=99).save(b / "basophil" / "x.png")
+    m = fit(_cfg(a, tmp_path / "run", tmp_path / "cache", dataset=[str(a), str(b)], epochs=1, save_checkpoints=False,
+                 group_by="file"))
+    assert m["sources"] == ["lab-a", "lab-b"]
+    val = m["splits"]["validation"]
+    per = val["per_source"]
+    assert set(per) == {"lab-a", "lab-b"} and per["lab-a"]["n_images"] + per["lab-b"]["n_images"] == val["n_images"]
+    assert per["lab-a"]["n_images"] > 0 and per["lab-b"]["n_images"] > 0  # validation drawn within each source
+    notes = " ".join(m["notes"])
+    assert "lab-b: ignored basophil/" in notes and "lab-a: train" in notes
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "| validation / lab-a |" in card and "| validation / lab-b |" in card

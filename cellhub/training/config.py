@@ -39,9 +39,11 @@ def _opt(default: Any, help: str, group: str, *, flag: str | None = None, choice
 class TrainConfig:
     """Everything that defines a training run (stored in the checkpoint as its recipe)."""
 
-    dataset: str = field(metadata={"help": "task name (blood-cells, malaria: its Hub dataset), local folder "
-                                           "(Kaggle download, image folder, saved dataset) or Hub dataset id",
-                                   "group": "data", "required": True})
+    dataset: str | list[str] = field(metadata={
+        "help": "task name (blood-cells, malaria: its Hub dataset), local folder (Kaggle download, image folder, "
+                "saved dataset) or Hub dataset id; repeat --dataset to train on several sources at once (each "
+                "keeps a `source`; validation is drawn per source; metrics per source and pooled)",
+        "group": "data", "required": True, "append": True})
     model: str = _opt("smallcnn", "model architecture", "model", choices=available_models)
     task: str | None = _opt(None, "blood-cells, pbc or malaria (inferred from the data when omitted)", "data")
     epochs: int = _opt(10, "training epochs", "optimisation")
@@ -155,6 +157,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse.
                       default=argparse.SUPPRESS if meta.get("invert") else f.default)
         else:
             kw.update(type=_value_type(f))
+            if meta.get("append"):
+                kw["action"] = "append"
             if meta.get("required"):
                 kw["required"] = True
             else:
@@ -170,5 +174,7 @@ def config_from_namespace(args: argparse.Namespace, **overrides: Any) -> TrainCo
     """The :class:`TrainConfig` of parsed arguments (fields not on the command line keep their defaults)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    if isinstance(values.get("dataset"), list) and len(values["dataset"]) == 1:
+        values["dataset"] = values["dataset"][0]  # one source: a plain string, as before
     values.update(overrides)
     return TrainConfig(**values)

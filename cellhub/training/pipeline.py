@@ -46,6 +46,8 @@ class PreparedData:
     had_validation: bool
     val_fraction: float
     notes: list[str] = field(default_factory=list)
+    #: the sources' short names when several were combined (their examples' groups start "NAME|")
+    sources: list[str] = field(default_factory=list)
 
 
 def subsample(ds: Any, n: int | None, seed: int) -> Any:
@@ -69,23 +71,78 @@ def grouping_note(report: data.LoadReport) -> str:
     return f"groups: {report.group_by or 'n/a'} ({how}; {methods})"
 
 
-def prepare_splits(dataset: str, *, task: str | None = None, cache_dir: str | None = None,
-                   val_fraction: float = 0.2, seed: int = 0, max_train_samples: int | None = None,
-                   max_eval_samples: int | None = None, progress: bool = True,
-                   notes: Sequence[str] = (), group_by: str = "auto") -> PreparedData:
-    """Load ``dataset``, make sure it has a grouped validation split, subsample; say what was done in ``notes``."""
+def source_names(datasets: Sequence[str]) -> list[str]:
+    """Short, unique names for sources (a folder's name, a Hub id's last part)."""
+    names: list[str] = []
+    for d in datasets:
+        base = Path(str(d).rstrip("/")).name or str(d)
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _load_source(dataset: str, task: str | None, cache_dir: str | None, val_fraction: float, seed: int,
+                 progress: bool, group_by: str, notes: list[str]) -> tuple[Any, data.LoadReport, bool]:
+    """One source with a grouped validation split; notes say how it was grouped and split."""
     dsd, report = data.load_cell_dataset(dataset, task=task, cache_dir=cache_dir, return_report=True,
                                          progress=progress, group_by=group_by)
     if "train" not in dsd:
         raise ValueError(f"{dataset!r} has no 'train' split (splits: {', '.join(dsd)}); "
                          "training needs one. Evaluate it with `python -m cellhub evaluate` instead.")
-    labels = list(dsd["train"].features["label"].names)
-    notes = list(notes)
     notes.append(grouping_note(report))
+    notes += [n for n in report.notes if n.startswith("ignored")]
     had_validation = "validation" in dsd
     dsd = data.ensure_validation(dsd, val_fraction=val_fraction, seed=seed)
     if not had_validation:
         notes.append(f"validation: {val_fraction:.0%} of train drawn by group (no group on both sides), seed {seed}")
+    return dsd, report, had_validation
+
+
+def _combine(parts: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Each split of several sources concatenated, with a ``source`` column and groups made ``SOURCE|group``."""
+    from datasets import concatenate_datasets
+
+    out: dict[str, Any] = {}
+    for split in ("train", "validation", "test", "test_simple"):
+        pieces = []
+        for name, dsd in parts:
+            if split in dsd:
+                ds = dsd[split].select_columns(["image", "label", "group", "file"])
+                named = [f"{name}|{g}" for g in ds["group"]]
+                ds = ds.remove_columns("group").add_column("group", named)
+                pieces.append(ds.add_column("source", [name] * len(ds)))
+        if pieces:
+            out[split] = concatenate_datasets(pieces)
+    return out
+
+
+def prepare_splits(dataset: str | Sequence[str], *, task: str | None = None, cache_dir: str | None = None,
+                   val_fraction: float = 0.2, seed: int = 0, max_train_samples: int | None = None,
+                   max_eval_samples: int | None = None, progress: bool = True,
+                   notes: Sequence[str] = (), group_by: str = "auto") -> PreparedData:
+    """Load ``dataset`` (or several: one task, the classes it knows from each), make sure every source
+    has a grouped validation split, subsample; say what was done in ``notes``."""
+    datasets = [dataset] if isinstance(dataset, str) else list(dataset)
+    if not datasets:
+        raise ValueError("No dataset given: pass --dataset at least once.")
+    notes = list(notes)
+    names = source_names(datasets) if len(datasets) > 1 else []
+    parts, reports, had = [], [], []
+    for k, src in enumerate(datasets):
+        before = len(notes)
+        dsd, report, had_validation = _load_source(src, task, cache_dir, val_fraction, seed, progress, group_by, notes)
+        task = task or report.task  # the first source decides the task; the others give what it knows
+        if names:
+            notes[before:] = [f"{names[k]}: {n}" for n in notes[before:]]
+            notes.append(f"{names[k]}: " + ", ".join(f"{s} {len(d)}" for s, d in dsd.items()))
+        parts.append((names[k] if names else src, dsd))
+        reports.append(report)
+        had.append(had_validation)
+    report, had_validation = reports[0], all(had)
+    dsd = _combine(parts) if names else parts[0][1]
+    labels = list(dsd["train"].features["label"].names)
     splits = {name: dsd[name] for name in ("train", "validation", "test", "test_simple") if name in dsd}
     if len(splits["validation"]) == 0:
         raise ValueError("The validation split is empty: the dataset has too few groups per class to hold "
@@ -97,7 +154,7 @@ def prepare_splits(dataset: str, *, task: str | None = None, cache_dir: str | No
     if max_train_samples or max_eval_samples:
         notes.append(f"subsampled: max_train_samples={max_train_samples}, max_eval_samples={max_eval_samples}")
     return PreparedData(splits=splits, report=report, labels=labels, task=report.task,
-                        had_validation=had_validation, val_fraction=val_fraction, notes=notes)
+                        had_validation=had_validation, val_fraction=val_fraction, notes=notes, sources=names)
 
 
 def _classifier_prefix(model: Any) -> str:
@@ -190,9 +247,11 @@ def auto_workers(on_cuda: bool) -> int:
     return 0 if n <= 4 else min(4, n // 4)
 
 
-def public_dataset_name(dataset: str, source_kind: str) -> str:
+def public_dataset_name(dataset: str | Sequence[str], source_kind: str) -> str:
     """How the data is named in a published config: Hub ids and task names as given; a local
-    folder by its name and layout only (no machine-local path in a model card)."""
+    folder by its name and layout only (no machine-local path in a model card). Several: joined by " + "."""
+    if not isinstance(dataset, str):
+        return " + ".join(public_dataset_name(d, source_kind) for d in dataset)
     p = Path(dataset).expanduser()
     if p.exists():
         return f"local folder '{p.name}' ({source_kind})"
@@ -200,11 +259,23 @@ def public_dataset_name(dataset: str, source_kind: str) -> str:
 
 
 def evaluate_splits(probs: Mapping[str, tuple[np.ndarray, np.ndarray]], groups: Mapping[str, Sequence[str]],
-                    labels: Sequence[str], *, n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
-    """:func:`cellhub.metrics.classification_metrics` of every split, in :data:`EVAL_ORDER`."""
-    return {name: metrics.classification_metrics(probs[name][1], probs[name][0], list(labels), groups=groups[name],
-                                                 n_boot=n_boot, seed=seed)
-            for name in EVAL_ORDER if name in probs}
+                    labels: Sequence[str], *, n_boot: int, seed: int,
+                    sources: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """:func:`cellhub.metrics.classification_metrics` of every split, in :data:`EVAL_ORDER`; with
+    several ``sources`` (groups named ``SOURCE|group``) also of each source's part, under ``per_source``."""
+    out = {}
+    for name in (n for n in EVAL_ORDER if n in probs):
+        p, y = probs[name]
+        m = metrics.classification_metrics(y, p, list(labels), groups=groups[name], n_boot=n_boot, seed=seed)
+        if len(sources) > 1:
+            of = np.asarray([str(g).split("|", 1)[0] for g in groups[name]])
+            m["per_source"] = {
+                src: metrics.classification_metrics(y[of == src], p[of == src], list(labels),
+                                                    groups=[g for g, o in zip(groups[name], of) if o == src],
+                                                    n_boot=n_boot, seed=seed)
+                for src in sources if (of == src).any()}
+        out[name] = m
+    return out
 
 
 def _split_description(ref: str, prepared: PreparedData) -> str:
@@ -234,6 +305,7 @@ def summarise(results: Mapping[str, dict[str, Any]], val_probs: tuple[np.ndarray
                            "train_images_evaluated": results["train"]["n_images"]},
         "n_train_images": len(train),
         "n_train_groups": len(set(map(str, train["group"]))),
+        "sources": list(prepared.sources),
         "grouping": grouping_of(prepared.report),
         "seconds": round(time.time() - t_start, 1),
         "notes": list(prepared.notes),

@@ -99,7 +99,7 @@ def train_svm_baseline(
         feats["train"], ys["train"] = feats["train"][idx], ys["train"][idx]
         groups["train"] = [groups["train"][i] for i in idx]
     probs = {name: (clf.predict_proba_features(feats[name]), ys[name]) for name in feats}
-    results = evaluate_splits(probs, groups, labels, n_boot=n_boot, seed=seed)
+    results = evaluate_splits(probs, groups, labels, n_boot=n_boot, seed=seed, sources=prepared.sources)
     summary = summarise(results, probs["validation"], prepared, abstention_target=abstention_target, t_start=t0,
                         model=f"svm[{backbone_name}]", pretrained=bool(net.cellhub_config.get("pretrained")),
                         n_support_vectors=clf.n_support_vectors)

@@ -324,7 +324,8 @@ def _evaluate_and_save(run: _Run, history: list[dict[str, Any]], best_epoch: int
     for name in (n for n in EVAL_ORDER if n in run.eval_loaders):
         p, y, _ = _predict_loader(run, run.eval_loaders[name])
         probs[name] = (p, y)
-    results = evaluate_splits(probs, run.groups, run.prepared.labels, n_boot=cfg.n_boot, seed=cfg.seed)
+    results = evaluate_splits(probs, run.groups, run.prepared.labels, n_boot=cfg.n_boot, seed=cfg.seed,
+                              sources=run.prepared.sources)
     cc = run.raw_model.cellhub_config
     summary = summarise(results, probs["validation"], run.prepared, abstention_target=cfg.abstention_target,
                         t_start=t_start, model=run.model_name, pretrained=bool(cc.get("pretrained")),
