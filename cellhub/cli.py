@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "add_group_by_argument"]
 
 logger = logging.getLogger("cellhub")
 
@@ -23,6 +23,13 @@ def _write_json(path: str | Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def add_group_by_argument(parser: argparse.ArgumentParser) -> None:
+    """``--group-by`` as every command (and the train/ scripts) offers it."""
+    from .tasks import GROUP_BY, GROUP_BY_HELP
+
+    parser.add_argument("--group-by", choices=GROUP_BY, default="auto", help=GROUP_BY_HELP)
 
 
 # Each handler imports what it runs, so `python -m cellhub --help` and every command start without
@@ -49,7 +56,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _add_audit(subparsers: Any) -> None:
     from . import audit  # light (numpy, PIL): its docstring is the command's description
-    from .tasks import GROUP_BY, TASK_NAMES
+    from .tasks import TASK_NAMES
 
     p = subparsers.add_parser(
         "audit", help="count images and groups per split, find leaks and duplicates",
@@ -63,10 +70,7 @@ def _add_audit(subparsers: Any) -> None:
     p.add_argument("--threshold", type=int, default=20,
                    help="largest Hamming distance between 256-bit perceptual hashes counted as a "
                         "near-duplicate (default 20)")
-    p.add_argument("--group-by", choices=GROUP_BY, default="auto",
-                   help="the unit that is one independent sample: auto (default: field when the full smears are "
-                        "beside blood-cell crops, patient for malaria, else near-duplicates), field, smear, patient, "
-                        "near-duplicates (copies of one cell), file (every image distinct), none")
+    add_group_by_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_audit)
 
@@ -99,8 +103,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(subparsers: Any) -> None:
-    from .tasks import GROUP_BY
-
     p = subparsers.add_parser(
         "evaluate",
         help="metrics of a checkpoint on a dataset (grouped bootstrap CI)",
@@ -117,10 +119,7 @@ def _add_evaluate(subparsers: Any) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CI (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--cache-dir", default=None, help="cache for dataset validation / smear matching")
-    p.add_argument("--group-by", choices=GROUP_BY, default="auto",
-                   help="the unit that is one independent sample: auto (default: field when the full smears are "
-                        "beside blood-cell crops, patient for malaria, else near-duplicates), field, smear, patient, "
-                        "near-duplicates (copies of one cell), file (every image distinct), none")
+    add_group_by_argument(p)
     p.add_argument("--smear-dir", default=None, help="blood cells: folder of full smears (default: found next to "
                                                       "the crops)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

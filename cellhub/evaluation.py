@@ -146,8 +146,9 @@ def _evaluate_sharded(model: nn.Module, ds: Any, procs: Processes, *, batch_size
                       progress: bool) -> dict[str, Any] | None:
     """Each process predicts its shard of ``ds``; the main one gathers the probabilities and scores them all."""
     labels = _check_labels(model, ds)
-    part = predict_dataset(model, ds.select(procs.shard(len(ds))), batch_size=batch_size, device=procs.device,
-                           progress=progress and procs.is_main) if len(procs.shard(len(ds))) else None
+    mine = procs.shard(len(ds))
+    part = predict_dataset(model, ds.select(mine), batch_size=batch_size, device=procs.device,
+                           progress=progress and procs.is_main) if len(mine) else None
     parts = [p for p in procs.gather(part) if p is not None]
     if not procs.is_main:
         return None

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
-__all__ = ["Task", "TASKS", "get_task", "malaria_group", "TASK_NAMES", "GROUP_BY", "GROUP_METHOD_TEXT"]
+__all__ = ["Task", "TASKS", "get_task", "malaria_group", "TASK_NAMES", "GROUP_BY", "GROUP_BY_HELP", "GROUP_METHOD_TEXT"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,11 @@ def get_task(name: str | Task) -> Task:
 
 #: ``group_by`` choices: the unit a split must not cut (see :mod:`cellhub.data.groups`)
 GROUP_BY: tuple[str, ...] = ("auto", "field", "smear", "patient", "near-duplicates", "file", "none")
+
+#: the ``--group-by`` help, one text for every command
+GROUP_BY_HELP = ("the unit no split may cut, one independent sample: auto (default: field when the full smears are "
+                 "beside blood-cell crops, patient for malaria, else near-duplicates), field, smear, patient, "
+                 "near-duplicates (copies of one cell), file (every image distinct), none")
 
 #: what each ``report.group_method`` value means, for reports, dataset cards and model cards
 GROUP_METHOD_TEXT: dict[str, str] = {

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from cellhub.tasks import GROUP_BY  # noqa: E402
+from cellhub.cli import add_group_by_argument  # noqa: E402
 from cellhub.metrics import format_ci  # noqa: E402
 from cellhub.training import TrainConfig, fit  # noqa: E402
 from cellhub.training.pipeline import prepare_splits  # noqa: E402
@@ -49,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--group-by", choices=GROUP_BY, default="auto",
-                   help="the unit no split may cut (default auto: field with smears, patient for malaria, "
-                        "else near-duplicates)")
+    add_group_by_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--cache-dir", default=None)

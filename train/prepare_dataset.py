@@ -25,7 +25,8 @@ from typing import Any, Sequence
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from cellhub.data import DatasetLayoutError, LoadReport, load_cell_dataset  # noqa: E402
-from cellhub.tasks import GROUP_BY, GROUP_METHOD_TEXT  # noqa: E402
+from cellhub.cli import add_group_by_argument  # noqa: E402
+from cellhub.tasks import GROUP_METHOD_TEXT  # noqa: E402
 from cellhub.tasks import TASK_NAMES, get_task  # noqa: E402
 
 logger = logging.getLogger("prepare_dataset")
@@ -56,9 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
     p.add_argument("--max-shard-mb", type=int, default=500, help="largest Parquet shard, in MB (default 500)")
     p.add_argument("--smear-dir", default=None, help="blood cells: folder of full smears (default: found)")
-    p.add_argument("--group-by", choices=GROUP_BY, default="auto",
-                   help="the unit no split may cut (default auto: field with smears, patient for malaria, "
-                        "else near-duplicates)")
+    add_group_by_argument(p)
     p.add_argument("--cache-dir", default=None, help="cellhub cache (default: $CELLHUB_CACHE or ~/.cache/cellhub)")
     args = p.parse_args(argv)
     if args.push_to_hub is None and args.output_dir is None:

@@ -21,7 +21,7 @@ import sys
 # idle OpenMP threads sleep rather than spin (set before torch loads; see bench/RESULTS.md, finding 1)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from cellhub.tasks import GROUP_BY  # noqa: E402
+from cellhub.cli import add_group_by_argument  # noqa: E402
 from cellhub.models import MODEL_NAMES  # noqa: E402
 
 
@@ -56,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--group-by", choices=GROUP_BY, default="auto",
-                   help="the unit no split may cut (default auto: field with smears, patient for malaria, "
-                        "else near-duplicates)")
+    add_group_by_argument(p)
     p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=1000)

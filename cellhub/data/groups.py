@@ -75,7 +75,7 @@ def _near_cached(paths: list[str], files: list[str], cache_dir: Path | None, pro
                        valid=lambda hit: isinstance(hit, dict) and set(hit) == set(paths))
 
 
-def _smear_fields_cached(smear_dir: Path, cache_dir: Path | None, progress: bool) -> dict[str, str]:
+def field_of_smears(smear_dir: Path, cache_dir: Path | None, progress: bool) -> dict[str, str]:
     """:func:`cellhub.smears.smear_fields` (smear id -> field id), cached by the smears' identity."""
     files = sorted(p for p in Path(smear_dir).iterdir() if is_image_file(p))
     cache_file = (Path(cache_dir) / "groups" / f"fields-{files_key(files, resolve=True)}.json"
@@ -93,11 +93,6 @@ def smear_of_crops(paths: list[str], smear_dir: Path, cache_dir: Path | None, pr
     smear_cache = Path(cache_dir) / "smears" if cache_dir is not None else None
     raw = smears.match_crops_to_smears(paths, smear_dir, cache_dir=smear_cache, progress=progress)
     return {str(k): v for k, v in raw.items()}
-
-
-def field_of_smears(smear_dir: Path, cache_dir: Path | None, progress: bool) -> dict[str, str]:
-    """Smear id -> field id (the smallest smear id of the smears that show one field), cached."""
-    return _smear_fields_cached(smear_dir, cache_dir, progress)
 
 
 def blood_groups(paths: list[str], files: list[str], smear_dir: Path, cache_dir: Path | None, progress: bool,

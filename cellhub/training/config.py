@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..tasks import GROUP_BY
+from ..tasks import GROUP_BY, GROUP_BY_HELP
 from ..models import available_models
 
 __all__ = ["TrainConfig", "SELECT_METRICS", "MIXED_PRECISION", "add_config_arguments", "config_from_namespace"]
@@ -68,9 +68,7 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the split, the initialisation and the data order", "optimisation")
     max_train_samples: int | None = _opt(None, "use a random subset of train (smoke runs)", "data")
     max_eval_samples: int | None = _opt(None, "evaluate on a random subset (smoke runs)", "data")
-    group_by: str = _opt("auto", "the unit no split may cut: auto (field with smears, patient for malaria, else "
-                                 "near-duplicates), field, smear, patient, near-duplicates, file, none", "data",
-                         choices=GROUP_BY)
+    group_by: str = _opt("auto", GROUP_BY_HELP, "data", choices=GROUP_BY)
     val_fraction: float = _opt(0.2, "share of train held out, by group, when the data has no validation split",
                                "data")
     select_metric: str = _opt("macro_f1", "grouped-validation score that picks the saved epoch", "optimisation",
