@@ -309,7 +309,10 @@ def test_cache_resized_decodes_once(tmp_path, monkeypatch):
     assert "image" not in out.column_names and {"pixels", "label", "group", "file"} <= set(out.column_names)
     arr = np.asarray(out.with_format("numpy", dtype=np.uint8)[0]["pixels"])
     assert arr.shape == (20, 30, 3) and arr.dtype == np.uint8
-    expect = np.asarray(ds[0]["image"].convert("RGB").resize((30, 20), Image.BILINEAR, reducing_gap=3.0))
+    # another aspect ratio is scaled to cover and centre-cropped (the eval geometry), not stretched
+    # (40x40 -> 30x20: the middle 40x26.7 band, scaled by 0.75)
+    expect = np.asarray(ds[0]["image"].convert("RGB").resize((30, 20), Image.BILINEAR, box=(0, 20 / 3, 40, 40 - 20 / 3),
+                                                              reducing_gap=3.0))
     assert np.array_equal(arr, expect)
     assert list(out["label"]) == list(ds["label"])
     # the second call memory-maps the cached file: no image is decoded or resized again
@@ -319,6 +322,32 @@ def test_cache_resized_decodes_once(tmp_path, monkeypatch):
     assert len(list((tmp_path / "c" / "resized").glob("*.arrow"))) == 1
     with pytest.raises(ValueError, match="size"):
         cache_resized(ds, (1, 2, 3), cache_dir=tmp_path / "c")
+
+
+def test_cache_matches_what_evaluation_sees_for_mixed_sizes(tmp_path):
+    """A wide image cached square keeps its centre, as the eval transform's centre crop does."""
+    from cellhub import create_model, transforms
+
+    root = tmp_path / "mix"
+    for name, size in (("Parasitized", (90, 30)), ("Uninfected", (40, 40))):
+        (root / name).mkdir(parents=True)
+        img = np.zeros((size[1], size[0], 3), np.uint8)
+        third = size[0] // 3
+        img[:, :third] = (200, 40, 40)
+        img[:, third:2 * third] = (40, 200, 40)  # the centre third is green
+        img[:, 2 * third:] = (40, 40, 200)
+        for k in range(2):
+            Image.fromarray(img).save(root / name / f"C{k}P{k}_{name}.png")
+    ds = load_cell_dataset(root, progress=False)["train"]
+    cached = cache_resized(ds, (24, 24), cache_dir=tmp_path / "c", progress=False).with_format("numpy", dtype=np.uint8)
+    wide = next(i for i, f in enumerate(ds["file"]) if f.startswith("Parasitized"))
+    px = np.asarray(cached[wide]["pixels"])
+    assert (px[:, 4:20, 1] > 150).all()  # green across the middle: centre-cropped, not the three bands squeezed
+    model = create_model("smallcnn", "malaria", pretrained=False, image_size=24)
+    tf = transforms.eval_transform(transforms.resolve_data_config(model))
+    x_eval = tf(ds[wide]["image"])
+    x_cache = tf(Image.fromarray(px))
+    assert float((x_eval - x_cache).abs().mean()) < 0.1  # the same picture, up to interpolation
 
 
 def test_hub_dataset_labels_mapped_and_groups(monkeypatch, tmp_path):

@@ -38,6 +38,15 @@ def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+def _cover(im: PILImage.Image, w: int, h: int) -> PILImage.Image:
+    """``im`` scaled to cover (w, h) and centre-cropped to it (a plain resize when the aspect matches)."""
+    iw, ih = im.size
+    scale = max(w / iw, h / ih)
+    cw, ch = w / scale, h / scale
+    left, top = (iw - cw) / 2, (ih - ch) / 2
+    return im.resize((w, h), PILImage.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=3.0)
+
+
 def _dataset_key(ds) -> str:
     """A key that changes when the rows or their files change (path+size+mtime, or the fingerprint)."""
     from datasets import Image
@@ -60,6 +69,10 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
                   keep_image: bool = False, num_proc: int | None = None, progress: bool = True):
     """Decode every image once, resized to ``size`` (int or (height, width)), as uint8 HWC ``pixels``.
 
+    An image of another aspect ratio is scaled to cover ``size`` and centre-cropped, never
+    stretched: the geometry of the models' eval transform (short side resized, centre crop), so
+    that what training and its validation pass see is what ``evaluate`` and ``predict`` see.
+
     The result is written to an Arrow file under ``cache_dir`` (default
     :func:`default_cache_dir`/``resized``), keyed by the images and the size, so a second run
     (or the next epoch, or the next training run) memory-maps it instead of decoding JPEGs.
@@ -78,7 +91,7 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
     cache_root = cache_root / "resized"
     cache_root.mkdir(parents=True, exist_ok=True)
     key = _dataset_key(ds)
-    cache_file = cache_root / f"{key}-{h}x{w}.arrow"
+    cache_file = cache_root / f"{key}-{h}x{w}-fit.arrow"  # "-fit": centre-cropped, not stretched
     feats = {k: v for k, v in ds.features.items() if keep_image or k != "image"}
     feats["pixels"] = Array3D(shape=(h, w, 3), dtype="uint8")
     features = Features(feats)
@@ -88,7 +101,7 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
         for im in batch["image"]:
             im = im.convert("RGB")
             if im.size != (w, h):
-                im = im.resize((w, h), PILImage.BILINEAR, reducing_gap=3.0)
+                im = _cover(im, w, h)
             out.append(np.asarray(im, dtype=np.uint8))
         return {"pixels": out}
 

@@ -210,7 +210,8 @@ def cache_size(ds: Any, size: int) -> tuple[int, int]:
     side to ``size``, center-crop) applied to the cached pixels matches it applied to the original.
 
     When the images share one aspect ratio (blood-cell crops are all 320x240) the short side is
-    scaled to ``size`` keeping the aspect; mixed sizes (malaria cells) are resized to a square.
+    scaled to ``size`` keeping the aspect; mixed sizes (malaria cells, several sources) are cached
+    square, each image centre-cropped as the eval transform does (:func:`cellhub.data.cache_resized`).
     """
     from datasets import Image as HFImage
     from PIL import Image
