@@ -105,6 +105,16 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def run_benchmark(p: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Sequence[Result]],
+                  argv: Sequence[str] | None = None) -> int:
+    """Every benchmark's ``main``: parse, set torch's threads, run, print each summary line."""
+    args = p.parse_args(argv)
+    setup_torch(args.threads)
+    for r in run(args):
+        emit(r)
+    return 0
+
+
 def setup_torch(threads: int | None) -> None:
     import torch
 

@@ -240,11 +240,7 @@ def main(argv=None) -> int:
                    "case for gradio's output cache)")
     p.add_argument("--omp-passive", action="store_true",
                    help="start app.py with OMP_WAIT_POLICY=PASSIVE (default: the environment as users have it)")
-    args = p.parse_args(argv)
-    C.setup_torch(args.threads)
-    for r in run(args):
-        C.emit(r)
-    return 0
+    return C.run_benchmark(p, run, argv)
 
 
 if __name__ == "__main__":

@@ -132,11 +132,7 @@ def run(args) -> list[C.Result]:
 def main(argv=None) -> int:
     p = C.parser(__doc__)
     p.add_argument("--models", nargs="+", default=["resnet18", "smallcnn"], help="model names (cellhub registry)")
-    args = p.parse_args(argv)
-    C.setup_torch(args.threads)
-    for r in run(args):
-        C.emit(r)
-    return 0
+    return C.run_benchmark(p, run, argv)
 
 
 if __name__ == "__main__":

@@ -112,11 +112,7 @@ def main(argv=None) -> int:
     p = C.parser(__doc__)
     p.add_argument("--image", default=None, help="a real 640x480 field photo (default: a drawn smear)")
     p.add_argument("--models", nargs="+", default=BUNDLED, help="checkpoint folders (default: the bundled three)")
-    args = p.parse_args(argv)
-    C.setup_torch(args.threads)
-    for r in run(args):
-        C.emit(r)
-    return 0
+    return C.run_benchmark(p, run, argv)
 
 
 if __name__ == "__main__":

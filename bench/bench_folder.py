@@ -126,11 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: predict_files' own)")
     p.add_argument("--no-before", action="store_true", help="skip the pre-fix arm (NCHW, one forward per chunk)")
     p.add_argument("--data", default=None, help="use real images from this folder instead of synthetic ones")
-    args = p.parse_args(argv)
-    C.setup_torch(args.threads)
-    for r in run(args):
-        C.emit(r)
-    return 0
+    return C.run_benchmark(p, run, argv)
 
 
 if __name__ == "__main__":

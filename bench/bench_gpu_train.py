@@ -179,11 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps per timed round (default 30)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--cpu", action="store_true", help="force the CPU smoke run even when a GPU is present")
-    args = p.parse_args(argv)
-    C.setup_torch(args.threads)
-    for r in run(args):
-        C.emit(r)
-    return 0
+    return C.run_benchmark(p, run, argv)
 
 
 if __name__ == "__main__":

@@ -121,11 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="real images (any folder tree) instead of synthetic ones")
     p.add_argument("--smears", default=None, help="full smears of --data, to score the groupings against")
     p.add_argument("--baseline-n", type=int, default=None, help="images both arms group (default 300; --quick 60)")
-    args = p.parse_args(argv)
-    C.setup_torch(args.threads)
-    for r in run(args):
-        C.emit(r)
-    return 0
+    return C.run_benchmark(p, run, argv)
 
 
 if __name__ == "__main__":

@@ -202,11 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--part", choices=("all", "input", "opts"), default="all")
     p.add_argument("--data", default=None, help="class folders of real images to train on instead of synthetic ones")
-    args = p.parse_args(argv)
-    C.setup_torch(args.threads)
-    for r in run(args):
-        C.emit(r)
-    return 0
+    return C.run_benchmark(p, run, argv)
 
 
 if __name__ == "__main__":

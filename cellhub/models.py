@@ -320,8 +320,8 @@ def _offline_weights(name: str, timm_name: str, model: nn.Module, weights: str |
     if weights:
         weights_lib.load_backbone(model, weights_lib.load_state_dict_file(weights), source=str(weights))
         return str(weights)
-    reference = timm.create_model(timm_name.split(".")[0], pretrained=False)  # ImageNet's 1000-class head
-    path = weights_lib.package_weights(name, reference)
+    # ImageNet's 1000-class layout, built only when the package's weights still need converting
+    path = weights_lib.package_weights(name, lambda: timm.create_model(timm_name.split(".")[0], pretrained=False))
     if path is None:
         pkg = weights_lib.PACKAGE_WEIGHTS.get(name)
         raise PretrainedWeightsUnavailable(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,11 @@ def to_reference_names(state: dict[str, torch.Tensor], reference: dict[str, torc
     return out
 
 
-def package_weights(model_name: str, reference: nn.Module, cache_dir: str | Path | None = None) -> Path | None:
-    """The installed package's ImageNet weights for ``model_name`` in ``reference``'s names, as a cached
-    safetensors file; ``None`` when no package ships them or it is not installed."""
+def package_weights(model_name: str, reference: Callable[[], nn.Module],
+                    cache_dir: str | Path | None = None) -> Path | None:
+    """The installed package's ImageNet weights for ``model_name`` in the names of the model ``reference()``
+    builds (called only to convert), as a cached safetensors file; ``None`` when no package ships them
+    or it is not installed."""
     if model_name not in PACKAGE_WEIGHTS:
         return None
     module_name, getter, pip_name = PACKAGE_WEIGHTS[model_name]
@@ -99,7 +102,7 @@ def package_weights(model_name: str, reference: nn.Module, cache_dir: str | Path
         return out
     from safetensors.torch import save_file
 
-    state = to_reference_names(load_state_dict_file(src), reference.state_dict(), source=f"{pip_name}'s {src.name}")
+    state = to_reference_names(load_state_dict_file(src), reference().state_dict(), source=f"{pip_name}'s {src.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
@@ -110,7 +113,8 @@ def package_weights(model_name: str, reference: nn.Module, cache_dir: str | Path
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
     """Load ``state`` into ``model`` except its classifier where the class counts differ (a new head)."""
     own = model.state_dict()
-    head = {f"{n}.{p}" for n, m in model.named_modules() if m is _classifier(model) for p in ("weight", "bias")}
+    classifier = _classifier(model)
+    head = {f"{n}.{p}" for n, m in model.named_modules() if m is classifier for p in ("weight", "bias")}
     if set(state) != set(own) and len(state) == len(own):
         state = to_reference_names(state, own, source=source, head=head)
     keep = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
