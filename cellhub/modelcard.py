@@ -242,6 +242,34 @@ def _evaluation(metrics: Mapping[str, Any], labels: list[Any]) -> dict[str, Any]
             "split_rows": split_rows, "class_rows": class_rows, "confusion": confusion}
 
 
+_CV_COLUMNS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"),
+               ("auc", "AUC"))
+
+
+def _pooled_text(m: Mapping[str, Any]) -> str:
+    text = f"accuracy {_fmt(m.get('accuracy'))} (95% CI {format_ci(m.get('ci95'))})"
+    text += f", macro F1 {_fmt(m.get('macro_f1'))} ({format_ci(m.get('macro_f1_ci95'))})"
+    if m.get("auc") is not None:
+        text += f", AUC {_fmt(m['auc'])}"
+    return text + f"; {m.get('n_images')} images, {m.get('n_groups')} groups"
+
+
+def _cross_validation(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The cross-validation table (``metrics.json``'s ``cross_validation``, from ``--cv K``)."""
+    cv = metrics.get("cross_validation")
+    if not isinstance(cv, Mapping) or not cv.get("folds"):
+        return None
+    keys = [(k, name) for k, name in _CV_COLUMNS if k in (cv.get("mean") or {})]
+    rows = [{"fold": r.get("fold"), "n_images": r.get("n_images"), "n_groups": r.get("n_groups"),
+             "cells": [_fmt(r.get(k)) for k, _ in keys]} for r in cv["folds"]]
+    mean = [f"{_fmt(cv['mean'][k])} ± {_fmt(cv['sd'].get(k))}" for k, _ in keys]
+    pooled = cv.get("pooled") or {}
+    per_source = [f"{src}: " + _pooled_text(sm) for src, sm in (pooled.get("per_source") or {}).items()]
+    return {"k": cv.get("k"), "n_images": cv.get("n_images"), "n_groups": cv.get("n_groups"),
+            "columns": [name for _, name in keys], "rows": rows, "mean": mean,
+            "pooled": _pooled_text(pooled) if pooled else "n/a", "per_source": per_source}
+
+
 def _images(c: _Checkpoint) -> dict[str, Any]:
     """The plots in the folder (curves and confusion matrix first, then any other PNG by name)."""
     return {
@@ -283,6 +311,7 @@ def _context(c: _Checkpoint) -> dict[str, Any]:
                   "by_smears": _grouped_by(m) in (None, "field", "smear")},
         "recipe": _recipe(c),
         "evaluation": _evaluation(m, c.labels),
+        "cv": _cross_validation(m),
         "images": _images(c),
         "repo": c.repo,
     }

@@ -227,3 +227,73 @@ def test_fit_on_two_sources_reports_each_and_pooled(tmp_path):
     assert "lab-b: ignored basophil/" in notes and "lab-a: train" in notes
     card = (tmp_path / "run" / "README.md").read_text()
     assert "| validation / lab-a |" in card and "| validation / lab-b |" in card
+
+
+def test_group_kfold_keeps_every_group_in_one_fold_and_stratifies(blood):
+    from datasets import load_from_disk
+
+    from cellhub.data import cv_fold, group_kfold
+
+    ds = load_from_disk(str(blood))["train"]  # 40 cells x 2 copies, 10 per label
+    folds = group_kfold(ds, 5, seed=0)
+    groups, labels = np.asarray(ds["group"]), np.asarray(ds["label"])
+    assert set(folds.tolist()) == set(range(5))
+    for g in set(groups):
+        assert len(set(folds[groups == g].tolist())) == 1  # a cell's copies never straddle folds
+    for f in range(5):  # stratified: every fold holds every label (10 cells per label, 5 folds)
+        assert set(labels[folds == f].tolist()) == {0, 1, 2, 3}
+    parts = cv_fold(load_from_disk(str(blood)), 5, 2, seed=0)
+    assert set(parts) == {"train", "validation", "holdout"}  # the test split is the final model's
+    held = set(parts["holdout"]["group"])
+    assert held == set(groups[folds == 2])
+    assert not held & (set(parts["train"]["group"]) | set(parts["validation"]["group"]))
+    assert len(parts["train"]) + len(parts["validation"]) + len(parts["holdout"]) == len(ds)
+    with pytest.raises(ValueError, match="at least 50 groups"):
+        group_kfold(ds, 50)
+
+
+def test_cross_validate_pools_out_of_fold_predictions_and_resumes(blood, tmp_path, monkeypatch):
+    from cellhub.training import cross_validate, format_cv_table
+    from cellhub.training import cv as cvmod
+
+    out = tmp_path / "run"
+    cfg = _cfg(blood, out, tmp_path / "cache", epochs=2, cv=3, save_checkpoints=False)
+    m = cross_validate(cfg)
+    cv = json.loads((out / "cv.json").read_text())
+    assert cv["k"] == 3 and len(cv["folds"]) == 3
+    # every training image is out-of-fold exactly once: the pool is the whole of train
+    assert cv["pooled"]["n_images"] == 80 and sum(r["n_images"] for r in cv["folds"]) == 80
+    assert cv["pooled"]["n_groups"] == 40
+    accs = [r["accuracy"] for r in cv["folds"]]
+    assert cv["mean"]["accuracy"] == pytest.approx(np.mean(accs))
+    assert cv["sd"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))
+    lo, hi = cv["pooled"]["ci95"]
+    assert lo <= cv["pooled"]["accuracy"] <= hi
+    for i in range(3):  # each fold: scored on its holdout, chose its epoch on a validation split of the rest
+        fm = json.loads((out / "cv" / f"fold-{i + 1}" / "metrics.json").read_text())
+        assert fm["split"]["name"] == "holdout" and "test" not in fm["splits"]
+        assert "cross-validation fold" in " ".join(fm["notes"])
+    # the final model trained on all the data carries the figures; its card shows them
+    assert m["split"]["name"] == "test" and m["cross_validation"]["k"] == 3
+    card = (out / "README.md").read_text()
+    assert "Grouped 3-fold cross-validation" in card and "**mean ± sd**" in card
+    assert "grouped 3-fold" in format_cv_table(cv)
+    # --resume with every fold done trains no fold again (only the final model's call remains)
+    calls = []
+    monkeypatch.setattr(cvmod, "fit", lambda c, **kw: calls.append(c.cv_fold) or {"ok": True})
+    assert cross_validate(_cfg(blood, out, tmp_path / "cache", epochs=2, cv=3, resume=True)) == {"ok": True}
+    assert calls == [None]
+    (out / "cv" / "fold-2" / "holdout.npz").unlink()  # an unfinished fold is trained again, the others not
+    monkeypatch.undo()
+    first = (out / "cv" / "fold-1" / "holdout.npz").stat().st_mtime_ns
+    again = cross_validate(_cfg(blood, out, tmp_path / "cache", epochs=2, cv=3, resume=True, cv_only=True))
+    assert (out / "cv" / "fold-2" / "holdout.npz").is_file()
+    assert (out / "cv" / "fold-1" / "holdout.npz").stat().st_mtime_ns == first
+    assert again["pooled"]["n_images"] == 80 and "pooled" in again and "splits" not in again  # --cv-only
+
+
+def test_cv_settings_fail_early():
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        TrainConfig(dataset="x", cv=1).validate()
+    with pytest.raises(ValueError, match="--cv-only needs --cv"):
+        TrainConfig(dataset="x", cv_only=True).validate()

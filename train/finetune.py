@@ -3,6 +3,7 @@
 
     python train/finetune.py --dataset blood-cells --model resnet18 --epochs 10 --output-dir runs/r18
     python train/finetune.py --dataset ~/kaggle/malaria --model smallcnn --image-size 64 --epochs 8
+    python train/finetune.py --dataset ~/kaggle/malaria --cv 5 --output-dir runs/malaria-cv   # grouped 5-fold CV
     accelerate launch train/finetune.py --dataset blood-cells --model resnet50 ...   # several GPUs
 
 A thin command line over :func:`cellhub.training.fit`: grouped validation when the data has none
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         cfg.validate()
-        summary = training.fit(cfg)
+        summary = training.cross_validate(cfg) if cfg.cv else training.fit(cfg)
     except (ValueError, FileNotFoundError, DatasetLayoutError, PretrainedWeightsUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -88,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     if not PartialState().is_main_process:  # `accelerate launch` with several processes: report once
         return 0
     out = Path(args.output_dir)
+    cv = summary if cfg.cv_only else summary.get("cross_validation")
+    if cv:
+        print()
+        print(training.format_cv_table(cv))
+    if cfg.cv_only:
+        print(f"\ncross-validation written to {out / 'cv.json'} (no final model: --cv-only)")
+        return 0
     for name, m in summary["splits"].items():
         print()
         print(format_metrics_table(m, title=f"{args.model} - {name}"))

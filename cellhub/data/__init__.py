@@ -29,12 +29,14 @@ from ..images import IMAGE_EXTENSIONS, check_image
 from .report import DatasetLayoutError, LoadReport
 from .resized import ImageRowDataset, cache_resized, pixels_array
 from .sources import infer_task, load_cell_dataset
-from .splits import ensure_validation, split_by_group
+from .splits import cv_fold, ensure_validation, group_kfold, split_by_group
 
 __all__ = [
     "load_cell_dataset",
     "split_by_group",
     "ensure_validation",
+    "group_kfold",
+    "cv_fold",
     "cache_resized",
     "pixels_array",
     "ImageRowDataset",

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-__all__ = ["split_by_group", "ensure_validation"]
+__all__ = ["split_by_group", "ensure_validation", "group_kfold", "cv_fold"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +75,52 @@ def ensure_validation(dsd, val_fraction: float = 0.2, seed: int = 0):
     out = {"train": parts["train"], "validation": parts["validation"]}
     out.update({k: v for k, v in dsd.items() if k != "train"})
     return DatasetDict(out)
+
+
+def group_kfold(ds, k: int, seed: int = 0) -> np.ndarray:
+    """The fold (0..k-1) of every row: grouped K-fold, stratified by label (scikit-learn's
+    ``StratifiedGroupKFold``), so every group lies in exactly one fold and each fold holds about
+    1/k of every label. Raises ``ValueError`` when there are fewer groups than folds."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if int(k) < 2:
+        raise ValueError(f"--cv needs at least 2 folds, got {k}.")
+    for col in ("label", "group"):
+        if col not in ds.column_names:
+            raise ValueError(f"group_kfold needs a {col!r} column; the dataset has {ds.column_names}.")
+    labels = np.asarray(list(ds["label"]))
+    groups = np.asarray([str(g) for g in ds["group"]])
+    n_groups = len(set(groups.tolist()))
+    if n_groups < k:
+        raise ValueError(f"{k}-fold cross-validation needs at least {k} groups; the data has {n_groups}. "
+                         f"Use --cv {max(2, n_groups)} or fewer folds, or a finer --group-by.")
+    folds = np.full(len(ds), -1, dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=int(seed))
+    for i, (_, held) in enumerate(splitter.split(np.zeros(len(ds)), labels, groups)):
+        folds[held] = i
+    return folds
+
+
+def cv_fold(dsd, k: int, fold: int, *, val_fraction: float = 0.2, seed: int = 0):
+    """Fold ``fold`` of grouped ``k``-fold cross-validation of ``dsd``'s development data.
+
+    Train and any given validation split are pooled; the fold's groups become ``holdout`` (scored,
+    never used for a choice); the other folds are split again by group into ``train`` and
+    ``validation`` (which picks the epoch and the abstention threshold, as in a run without
+    cross-validation). Test splits are left out: they are scored by the final model only.
+    """
+    from datasets import DatasetDict, concatenate_datasets
+
+    if not 0 <= int(fold) < int(k):
+        raise ValueError(f"fold must be in 0..{k - 1}, got {fold}.")
+    if "train" not in dsd:
+        raise ValueError(f"Cross-validation needs a 'train' split; splits are {list(dsd)}.")
+    pool = dsd["train"]
+    if "validation" in dsd:
+        cols = pool.column_names
+        pool = concatenate_datasets([pool, dsd["validation"].select_columns(cols)])
+    folds = group_kfold(pool, k, seed)
+    held = np.flatnonzero(folds == fold)
+    rest = pool.select(np.flatnonzero(folds != fold))
+    inner = split_by_group(rest, val_fraction=val_fraction, seed=seed)
+    return DatasetDict(train=inner["train"], validation=inner["validation"], holdout=pool.select(held))

@@ -71,6 +71,15 @@ class TrainConfig:
     group_by: str = _opt("auto", GROUP_BY_HELP, "data", choices=GROUP_BY)
     val_fraction: float = _opt(0.2, "share of train held out, by group, when the data has no validation split",
                                "data")
+    cv: int | None = _opt(None, "grouped K-fold cross-validation: train one model per fold (each scored on its "
+                                "held-out groups, its epoch chosen on a grouped validation split of the other "
+                                "folds), report per-fold figures, mean +- sd and the pooled out-of-fold metrics "
+                                "with a group-bootstrap CI (cv.json), then train the final model on all the "
+                                "data; folds by field / patient / image as --group-by gives", "data")
+    cv_only: bool = _opt(False, "with --cv: stop after the folds (choose a recipe without training a final "
+                                "model)", "data")
+    #: the fold (0-based) this run trains when it is one fold of a --cv run
+    cv_fold: int | None = _opt(None, "cross-validation fold of this run", "data", cli=False)
     select_metric: str = _opt("macro_f1", "grouped-validation score that picks the saved epoch", "optimisation",
                               choices=SELECT_METRICS)
     abstention_target: float = _opt(0.99, "the abstention threshold keeps validation predictions at least "
@@ -108,6 +117,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 2, got {value}.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
+        if self.cv is not None and self.cv < 2:
+            raise ValueError(f"cv must be at least 2 folds, got {self.cv}.")
+        if self.cv_only and self.cv is None:
+            raise ValueError("--cv-only needs --cv K.")
+        if self.cv_fold is not None and not (self.cv and 0 <= self.cv_fold < self.cv):
+            raise ValueError(f"cv_fold {self.cv_fold} needs cv > cv_fold (cv is {self.cv}).")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"select_metric {self.select_metric!r} unknown; choose one of {', '.join(SELECT_METRICS)}.")
         if not 0.0 < self.abstention_target <= 1.0:
@@ -122,7 +137,8 @@ class TrainConfig:
     def recipe(self) -> dict[str, Any]:
         """JSON-friendly record of the run's settings (without machine-local paths)."""
         d = asdict(self)
-        for k in ("output_dir", "cache_dir", "resume", "progress", "num_workers", "num_threads", "save_checkpoints"):
+        for k in ("output_dir", "cache_dir", "resume", "progress", "num_workers", "num_threads", "save_checkpoints",
+                  "cv_only"):
             d.pop(k, None)
         return d
 

@@ -31,7 +31,9 @@ __all__ = ["PreparedData", "prepare_splits", "model_from_checkpoint", "subsample
 logger = logging.getLogger(__name__)
 
 #: the order in which splits are evaluated and reported
-EVAL_ORDER = ("validation", "test", "test_simple", "train")
+EVAL_ORDER = ("validation", "holdout", "test", "test_simple", "train")
+#: the splits a run may hold (``holdout``: the scored fold of a cross-validation run)
+SPLITS = ("train", "validation", "holdout", "test", "test_simple")
 
 
 @dataclass
@@ -84,8 +86,10 @@ def source_names(datasets: Sequence[str]) -> list[str]:
 
 
 def _load_source(dataset: str, task: str | None, cache_dir: str | None, val_fraction: float, seed: int,
-                 progress: bool, group_by: str, notes: list[str]) -> tuple[Any, data.LoadReport, bool]:
-    """One source with a grouped validation split; notes say how it was grouped and split."""
+                 progress: bool, group_by: str, notes: list[str],
+                 cv: tuple[int, int] | None = None) -> tuple[Any, data.LoadReport, bool]:
+    """One source with a grouped validation split (and, for fold ``cv = (k, i)`` of a
+    cross-validation, its ``holdout`` fold); notes say how it was grouped and split."""
     dsd, report = data.load_cell_dataset(dataset, task=task, cache_dir=cache_dir, return_report=True,
                                          progress=progress, group_by=group_by)
     if "train" not in dsd:
@@ -94,6 +98,13 @@ def _load_source(dataset: str, task: str | None, cache_dir: str | None, val_frac
     notes.append(grouping_note(report))
     notes += [n for n in report.notes if n.startswith("ignored")]
     had_validation = "validation" in dsd
+    if cv is not None:
+        k, i = cv
+        dsd = data.cv_fold(dsd, k, i, val_fraction=val_fraction, seed=seed)
+        notes.append(f"cross-validation fold {i + 1} of {k}: grouped {k}-fold over the development data (train"
+                     + (" + validation" if had_validation else "") + f", seed {seed}); the other folds split "
+                     f"again by group, {val_fraction:.0%} validation for the epoch and threshold choice")
+        return dsd, report, False
     dsd = data.ensure_validation(dsd, val_fraction=val_fraction, seed=seed)
     if not had_validation:
         notes.append(f"validation: {val_fraction:.0%} of train drawn by group (no group on both sides), seed {seed}")
@@ -105,7 +116,7 @@ def _combine(parts: list[tuple[str, Any]]) -> dict[str, Any]:
     from datasets import concatenate_datasets
 
     out: dict[str, Any] = {}
-    for split in ("train", "validation", "test", "test_simple"):
+    for split in SPLITS:
         pieces = []
         for name, dsd in parts:
             if split in dsd:
@@ -121,9 +132,11 @@ def _combine(parts: list[tuple[str, Any]]) -> dict[str, Any]:
 def prepare_splits(dataset: str | Sequence[str], *, task: str | None = None, cache_dir: str | None = None,
                    val_fraction: float = 0.2, seed: int = 0, max_train_samples: int | None = None,
                    max_eval_samples: int | None = None, progress: bool = True,
-                   notes: Sequence[str] = (), group_by: str = "auto") -> PreparedData:
+                   notes: Sequence[str] = (), group_by: str = "auto",
+                   cv: tuple[int, int] | None = None) -> PreparedData:
     """Load ``dataset`` (or several: one task, the classes it knows from each), make sure every source
-    has a grouped validation split, subsample; say what was done in ``notes``."""
+    has a grouped validation split, subsample; say what was done in ``notes``. ``cv = (k, i)``:
+    fold ``i`` of grouped ``k``-fold cross-validation, drawn per source (:func:`cellhub.data.cv_fold`)."""
     datasets = [dataset] if isinstance(dataset, str) else list(dataset)
     if not datasets:
         raise ValueError("No dataset given: pass --dataset at least once.")
@@ -132,7 +145,8 @@ def prepare_splits(dataset: str | Sequence[str], *, task: str | None = None, cac
     parts, reports, had = [], [], []
     for k, src in enumerate(datasets):
         before = len(notes)
-        dsd, report, had_validation = _load_source(src, task, cache_dir, val_fraction, seed, progress, group_by, notes)
+        dsd, report, had_validation = _load_source(src, task, cache_dir, val_fraction, seed, progress, group_by, notes,
+                                                   cv=cv)
         task = task or report.task  # the first source decides the task; the others give what it knows
         if names:
             notes[before:] = [f"{names[k]}: {n}" for n in notes[before:]]
@@ -143,12 +157,12 @@ def prepare_splits(dataset: str | Sequence[str], *, task: str | None = None, cac
     report, had_validation = reports[0], all(had)
     dsd = _combine(parts) if names else parts[0][1]
     labels = list(dsd["train"].features["label"].names)
-    splits = {name: dsd[name] for name in ("train", "validation", "test", "test_simple") if name in dsd}
+    splits = {name: dsd[name] for name in SPLITS if name in dsd}
     if len(splits["validation"]) == 0:
         raise ValueError("The validation split is empty: the dataset has too few groups per class to hold "
                          "any out. Add data or pass a dataset with a validation split.")
     splits["train"] = subsample(splits["train"], max_train_samples, seed)
-    for name in ("validation", "test", "test_simple"):
+    for name in ("validation", "holdout", "test", "test_simple"):
         if name in splits:
             splits[name] = subsample(splits[name], max_eval_samples, seed + 1)
     if max_train_samples or max_eval_samples:
@@ -282,6 +296,8 @@ def evaluate_splits(probs: Mapping[str, tuple[np.ndarray, np.ndarray]], groups: 
 def _split_description(ref: str, prepared: PreparedData) -> str:
     if ref == "test":
         return "test: the dataset's own test split"
+    if ref == "holdout":
+        return "holdout: this cross-validation fold's held-out groups (used for no choice)"
     drawn = "" if prepared.had_validation else f", {prepared.val_fraction:.0%} of train by group"
     return "validation: grouped hold-out (no source cell / patient also in train)" + drawn
 
@@ -293,7 +309,7 @@ def summarise(results: Mapping[str, dict[str, Any]], val_probs: tuple[np.ndarray
     else the grouped ``validation``), every split under ``splits``, the abstention rule chosen on
     validation, the train-test gap, ``fields`` (model, best epoch, ...) and the run's notes."""
     abst = metrics.choose_abstention_threshold(val_probs[1], val_probs[0], target_accuracy=abstention_target)
-    ref = "test" if "test" in results else "validation"
+    ref = next(n for n in ("test", "holdout", "validation") if n in results)
     train = prepared.splits["train"]
     summary: dict[str, Any] = dict(results[ref])
     summary.update({"split": {"name": ref, "description": _split_description(ref, prepared)},

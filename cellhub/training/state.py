@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 __all__ = ["CHECKPOINT_DIRNAME", "save_training_state", "load_training_state", "restore_rng_state",
-           "unflatten_optimizer", "state_dict_cpu"]
+           "unflatten_optimizer", "state_dict_cpu", "HOLDOUT_FILENAME", "save_holdout", "load_holdout"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIRNAME = "last_checkpoint"
+#: a cross-validation fold's out-of-fold predictions (probabilities, labels, groups), in its run folder
+HOLDOUT_FILENAME = "holdout.npz"
 _STATE_VERSION = 1
 
 
@@ -192,3 +194,30 @@ def load_training_state(output_dir: str | Path) -> dict[str, Any] | None:
                 return state
     return None
 
+
+
+def save_holdout(output_dir: str | Path, probs: np.ndarray, labels: np.ndarray, groups: list[str]) -> Path:
+    """Write a fold's held-out probabilities, labels and groups (``holdout.npz``; plain arrays, no
+    pickle), atomically: a fold with this file is complete."""
+    from ..cache import atomic_path
+
+    path = Path(output_dir) / HOLDOUT_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, probs=np.asarray(probs, dtype=np.float64), labels=np.asarray(labels, dtype=np.int64),
+                     groups=np.asarray([str(g) for g in groups], dtype=np.str_))
+    return path
+
+
+def load_holdout(output_dir: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """``(probs, labels, groups)`` saved by :func:`save_holdout`, or ``None`` when absent or unreadable."""
+    path = Path(output_dir) / HOLDOUT_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["probs"], z["labels"], [str(g) for g in z["groups"]]
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("%s is unreadable (%s); the fold is trained again.", path, exc)
+        return None

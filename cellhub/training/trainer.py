@@ -29,7 +29,7 @@ from .. import data, metrics, models, transforms
 from .config import TrainConfig
 from .pipeline import (EVAL_ORDER, PreparedData, auto_workers, cache_size, model_from_checkpoint, evaluate_splits, prepare_splits, public_dataset_name,
                        summarise, write_checkpoint)
-from .state import (CHECKPOINT_DIRNAME, load_training_state, restore_rng_state, save_training_state, state_dict_cpu,
+from .state import (CHECKPOINT_DIRNAME, save_holdout, load_training_state, restore_rng_state, save_training_state, state_dict_cpu,
                     unflatten_optimizer)
 
 __all__ = ["fit"]
@@ -112,7 +112,7 @@ def _quick_scores(p: np.ndarray, y: np.ndarray, loss: float) -> dict[str, float]
     }
 
 
-def fit(cfg: TrainConfig) -> dict[str, Any]:
+def fit(cfg: TrainConfig, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, select on grouped validation, evaluate, save. Returns the final metrics dict.
 
     The returned dict (also ``metrics.json``) holds, at top level, the
@@ -121,20 +121,24 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     every evaluated split (``validation``, ``test``, ``test_simple``, ``train``) to its metrics;
     plus ``best_epoch``, ``select_metric``, ``abstention`` and ``train_test_gap`` (train
     accuracy minus headline accuracy). ``cfg.num_threads`` applies to this call only (the
-    previous torch thread count is restored).
+    previous torch thread count is restored). ``extra``: more fields for ``metrics.json`` and the
+    card (the cross-validation results of :func:`cellhub.training.cross_validate`).
+
+    With ``cfg.cv_fold`` set, the run is that fold of a ``cfg.cv``-fold cross-validation: it
+    scores the fold's ``holdout`` groups and writes their probabilities to ``holdout.npz``.
     """
     cfg.validate()
     if cfg.num_threads is None:
-        return _fit(cfg)
+        return _fit(cfg, extra)
     before = torch.get_num_threads()
     torch.set_num_threads(int(cfg.num_threads))
     try:
-        return _fit(cfg)
+        return _fit(cfg, extra)
     finally:
         torch.set_num_threads(before)
 
 
-def _fit(cfg: TrainConfig) -> dict[str, Any]:
+def _fit(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     t_start = time.time()
     run = _setup(cfg)
     history, best = _resume(run)
@@ -153,7 +157,7 @@ def _fit(cfg: TrainConfig) -> dict[str, Any]:
         run.accelerator.wait_for_everyone()
     if best["state"] is not None:
         run.raw_model.load_state_dict(best["state"], strict=True)
-    summary = _evaluate_and_save(run, history, best["epoch"], t_start)
+    summary = _evaluate_and_save(run, history, best["epoch"], t_start, extra or {})
     run.accelerator.wait_for_everyone()
     return summary
 
@@ -176,7 +180,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     prepared = prepare_splits(cfg.dataset, task=cfg.task, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction,
                               seed=cfg.seed, max_train_samples=cfg.max_train_samples,
                               max_eval_samples=cfg.max_eval_samples, progress=cfg.progress and is_main,
-                              notes=cfg.notes, group_by=cfg.group_by)
+                              notes=cfg.notes, group_by=cfg.group_by,
+                              cv=(int(cfg.cv), int(cfg.cv_fold)) if cfg.cv_fold is not None else None)
     if cfg.init_from:
         model = model_from_checkpoint(cfg.init_from, prepared.labels, image_size=cfg.image_size,
                                       freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate,
@@ -317,7 +322,8 @@ def _train_epoch(run: _Run, epoch: int, best: dict[str, Any]) -> tuple[dict[str,
     return rec, best
 
 
-def _evaluate_and_save(run: _Run, history: list[dict[str, Any]], best_epoch: int, t_start: float) -> dict[str, Any]:
+def _evaluate_and_save(run: _Run, history: list[dict[str, Any]], best_epoch: int, t_start: float,
+                       extra: dict[str, Any]) -> dict[str, Any]:
     """Score every split with the selected weights; on the main process write the checkpoint."""
     cfg = run.cfg
     probs = {}
@@ -329,8 +335,10 @@ def _evaluate_and_save(run: _Run, history: list[dict[str, Any]], best_epoch: int
     cc = run.raw_model.cellhub_config
     summary = summarise(results, probs["validation"], run.prepared, abstention_target=cfg.abstention_target,
                         t_start=t_start, model=run.model_name, pretrained=bool(cc.get("pretrained")),
-                        best_epoch=best_epoch, select_metric=cfg.select_metric)
+                        best_epoch=best_epoch, select_metric=cfg.select_metric, **extra)
     if run.is_main:
+        if "holdout" in probs:  # one fold of a cross-validation: its out-of-fold predictions
+            save_holdout(cfg.output_dir, *probs["holdout"], run.groups["holdout"])
         recipe = dict(cfg.recipe(), model=run.model_name,
                       init_from=public_dataset_name(cfg.init_from, "checkpoint") if cfg.init_from else None,
                       dataset=public_dataset_name(cfg.dataset, run.prepared.report.source_kind),
