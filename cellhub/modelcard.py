@@ -304,6 +304,7 @@ def _context(c: _Checkpoint) -> dict[str, Any]:
         "task": {"name": c.task.name, "description": c.task.description} if c.task else None,
         "labels": c.labels,
         "preprocessing": _preprocessing(c.pcfg),
+        "cell_crop": c.section.get("cell_crop"),
         "abstention": _abstention(c.section),
         "hub_dataset": c.hub_dataset, "dataset_id": c.dataset_id,
         "split": {"name": c.split_name, "description": c.split_desc, "n_images": m.get("n_images"),

@@ -29,7 +29,7 @@ from . import cam as cam_lib
 from .hub import load_pretrained
 from .images import read_image
 from .models import fuse_conv_bn_for_inference, resolve_device
-from .transforms import eval_transform, preprocess, resolve_data_config
+from .transforms import cell_box, eval_transform, preprocess, resolve_data_config
 
 __all__ = ["Prediction", "Predictor", "Consensus", "consensus", "load_predictors", "CPU_FORWARD_BATCH"]
 
@@ -171,14 +171,20 @@ class Predictor:
         """Resize/normalise with the checkpoint's own data config -> (B, 3, H, W) float."""
         return preprocess(images, self.data_config, transform=self.transform).to(self.device)
 
-    def cam_box(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    def cam_box(self, image_size: tuple[int, int], image: Image.Image | None = None) -> tuple[float, float, float, float]:
         """The region (left, top, right, bottom) of an image of ``image_size`` = (W, H) that
         the model sees after its eval transform.
 
         timm's eval transform (``crop_mode="center"``) resizes the shorter side to
         ``floor(size / crop_pct)`` and centre-crops ``size``: a 320x240 crop fed to a square
-        model is seen as its central 240x240 region, even with ``crop_pct=1``.
+        model is seen as its central 240x240 region, even with ``crop_pct=1``. A model with a
+        cell-centred crop sees the square around the nucleus (found in ``image``).
         """
+        spec = self.data_config.get("cell_crop")
+        if spec and image is not None:
+            x0, y0, x1, y1 = cell_box(image, spec)
+            inner = self.cam_box((x1 - x0, y1 - y0))
+            return (x0 + inner[0], y0 + inner[1], x0 + inner[2], y0 + inner[3])
         width, height = image_size
         if self.data_config.get("crop_mode", "center") == "squash":
             return (0.0, 0.0, float(width), float(height))
@@ -193,7 +199,7 @@ class Predictor:
         """The prediction's CAM drawn over ``image`` at the image's own size."""
         if prediction.cam is None:
             raise ValueError("this prediction has no CAM; call predict(..., with_cam=True)")
-        return cam_lib.overlay(image, prediction.cam, alpha=alpha, box=self.cam_box(image.size))
+        return cam_lib.overlay(image, prediction.cam, alpha=alpha, box=self.cam_box(image.size, image))
 
     def _forward(self, x: torch.Tensor, with_cam: bool) -> tuple[torch.Tensor, np.ndarray | None]:
         if with_cam and self.supports_cam:

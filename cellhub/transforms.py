@@ -5,9 +5,13 @@ which is also what ``transformers``' ``TimmWrapperImageProcessor`` and therefore
 ``pipeline("image-classification")`` apply to a published checkpoint: cellhub, timm and
 transformers see the same pixels and give the same logits.
 
-Cells fill their crops and the microscope magnification is fixed, so the training transform
-keeps the evaluation geometry (no random zoom) and adds only label-preserving changes: flips,
-90-degree rotations and mild colour jitter (stain variation).
+The training transform keeps the evaluation geometry and adds label-preserving changes: flips,
+90-degree rotations, colour jitter (stain variation) and, when asked, a mild random zoom
+(magnification variation). A model may also ask for a **cell-centred crop** (``cell_crop`` in
+its cellhub config): a square centred on the white cell's nucleus, sized in red-cell radii, taken
+before timm's transform, so that a cell fills the same share of the input whatever the lab's
+camera and crop size. cellhub applies it everywhere (training, predict, evaluate, the app);
+plain timm / transformers users of such a checkpoint crop with :func:`cell_crop` first.
 """
 from __future__ import annotations
 
@@ -24,11 +28,18 @@ from torchvision import transforms as T
 
 from .images import to_rgb
 
-__all__ = ["eval_transform", "preprocess", "resolve_data_config", "to_pil", "train_transform"]
+__all__ = ["eval_transform", "preprocess", "resolve_data_config", "to_pil", "train_transform", "CELL_CROPS",
+           "cell_crop_spec", "cell_box", "cell_crop", "CellCrop"]
 
 logger = logging.getLogger(__name__)
 
-_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "cell_crop")
+
+#: cell-centred crops a model may ask for (``cellhub_config["cell_crop"]``): ``nucleus`` centres a
+#: square on the white cell's nucleus, ``side_rbc_radii`` red-cell radii a side (a red cell is
+#: about 7.5 um across in every lab, so this is a physical scale: the same cell fills the same
+#: share of the crop whatever the camera and the crop's own size)
+CELL_CROPS: dict[str, dict[str, Any]] = {"nucleus": {"method": "nucleus", "side_rbc_radii": 10.0}}
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
@@ -43,7 +54,7 @@ def resolve_data_config(model_or_config: Any) -> dict[str, Any]:
     if isinstance(obj, torch.nn.Module):
         cfg = getattr(obj, "cellhub_config", None)
         if cfg and cfg.get("pretrained_cfg"):
-            return resolve_data_config(cfg["pretrained_cfg"])
+            return resolve_data_config(cfg)
         pcfg = getattr(obj, "pretrained_cfg", None)
         if pcfg:
             return resolve_data_config(pcfg)
@@ -55,7 +66,10 @@ def resolve_data_config(model_or_config: Any) -> dict[str, Any]:
             return _normalise(obj)
         for key in ("cellhub", "pretrained_cfg"):
             if isinstance(obj.get(key), Mapping):
-                return resolve_data_config(obj[key])
+                out = resolve_data_config(obj[key])
+                if out["cell_crop"] is None and obj.get("cell_crop"):  # cellhub's config beside timm's
+                    out["cell_crop"] = cell_crop_spec(obj["cell_crop"])
+                return out
     raise ValueError(f"Cannot find preprocessing (input_size/mean/std) in {type(obj).__name__}: "
                      f"{str(obj)[:200]}")
 
@@ -80,7 +94,69 @@ def _normalise(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "interpolation": interpolation,
         "crop_pct": float(cfg.get("crop_pct", 1.0) or 1.0),
         "crop_mode": str(cfg.get("crop_mode", "center")),
+        "cell_crop": cell_crop_spec(cfg.get("cell_crop")),
     }
+
+
+def cell_crop_spec(spec: Any) -> dict[str, Any] | None:
+    """A validated cell-crop spec (``None``, a :data:`CELL_CROPS` name or its dict) or ``None``."""
+    if spec is None or spec == "none":
+        return None
+    if isinstance(spec, str):
+        if spec not in CELL_CROPS:
+            raise ValueError(f"Unknown cell crop {spec!r}; choose none or {', '.join(CELL_CROPS)}.")
+        return dict(CELL_CROPS[spec])
+    if not isinstance(spec, Mapping) or spec.get("method") not in CELL_CROPS:
+        raise ValueError(f"cell_crop must name a method ({', '.join(CELL_CROPS)}), got {spec!r}.")
+    side = float(spec.get("side_rbc_radii", CELL_CROPS[spec["method"]]["side_rbc_radii"]))
+    if not side > 0:
+        raise ValueError(f"cell_crop side_rbc_radii must be positive, got {side}.")
+    return {"method": str(spec["method"]), "side_rbc_radii": side}
+
+
+def cell_box(image: Any, spec: Any) -> tuple[int, int, int, int]:
+    """The square (left, top, right, bottom) a cell-centred crop takes from a single-cell image.
+
+    Centred on the white cell's nucleus (:func:`cellhub.detect.white_cell_centre`; the image's
+    middle when none stains), ``side_rbc_radii`` red-cell radii a side
+    (:func:`cellhub.detect.estimate_radius`), at most the image's short side and at least 0.7 of it,
+    and shifted to lie inside the image (nothing is invented at the border).
+    """
+    from .detect import estimate_radius, white_cell_centre
+
+    spec = cell_crop_spec(spec)
+    pil = to_pil(image)
+    w, h = pil.size
+    short = min(w, h)
+    if spec is None:
+        left, top = (w - short) // 2, (h - short) // 2
+        return left, top, left + short, top + short
+    arr = np.asarray(pil)
+    centre = white_cell_centre(arr) or (w / 2, h / 2)
+    r = estimate_radius(arr)
+    side = short if not r else int(round(min(short, max(0.7 * short, spec["side_rbc_radii"] * r))))
+    left = int(round(min(max(centre[0] - side / 2, 0), w - side)))
+    top = int(round(min(max(centre[1] - side / 2, 0), h - side)))
+    return left, top, left + side, top + side
+
+
+def cell_crop(image: Any, spec: Any) -> Image.Image:
+    """The cell-centred square of ``image`` (RGB PIL), see :func:`cell_box`."""
+    pil = to_pil(image)
+    return pil.crop(cell_box(pil, spec))
+
+
+class CellCrop:
+    """Transform step: the cell-centred crop of a model whose config asks for one."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = cell_crop_spec(spec)
+
+    def __call__(self, image: Any) -> Image.Image:
+        return cell_crop(image, self.spec)
+
+    def __repr__(self) -> str:
+        return f"CellCrop({self.spec})"
 
 
 def to_pil(image: Any) -> Image.Image:
@@ -124,12 +200,14 @@ class RandomRot90:
         return "RandomRot90()"
 
 
-def eval_transform(cfg: Any) -> T.Compose:
+def eval_transform(cfg: Any, *, cell_crop: bool = True) -> T.Compose:
     """Deterministic transform: image -> normalised float tensor (C, H, W).
 
     Exactly timm's eval transform for the resolved config (resize the short side to
     ``size / crop_pct``, center-crop ``size``, to tensor, normalise), preceded by conversion of
-    uint8 arrays / non-RGB images to RGB PIL.
+    uint8 arrays / non-RGB images to RGB PIL and, when the config has a ``cell_crop`` (and
+    ``cell_crop`` is true: pixels decoded once by training are cropped already), by the
+    cell-centred crop.
     """
     import timm.data
 
@@ -138,26 +216,33 @@ def eval_transform(cfg: Any) -> T.Compose:
         input_size=data["input_size"], is_training=False, interpolation=data["interpolation"],
         mean=data["mean"], std=data["std"], crop_pct=data["crop_pct"], crop_mode=data["crop_mode"],
     )
-    return T.Compose([_ToPIL(), *tf.transforms])
+    crop = [CellCrop(data["cell_crop"])] if cell_crop and data["cell_crop"] else []
+    return T.Compose([_ToPIL(), *crop, *tf.transforms])
 
 
-def train_transform(cfg: Any, *, jitter: float = 0.1, hue: float = 0.02) -> T.Compose:
-    """Training transform: the eval geometry + random flips, 90-degree rotations, colour jitter."""
+def train_transform(cfg: Any, *, jitter: float = 0.1, hue: float | None = None, scale_jitter: float = 0.0,
+                    cell_crop: bool = True) -> T.Compose:
+    """Training transform: the eval geometry + random flips, 90-degree rotations, colour jitter
+    (brightness, contrast and saturation by ``jitter``, hue by ``hue``, default ``jitter / 5``:
+    stain variation) and, with ``scale_jitter`` s > 0, a random zoom of up to 1 + s (a random
+    square of the view, its side 1/(1+s) to 1 of it: magnification variation)."""
     data = resolve_data_config(cfg)
     _, h, w = data["input_size"]
     interp = T.InterpolationMode(data["interpolation"])
     scale = math.floor(min(h, w) / data["crop_pct"])
-    steps: list[Any] = [
-        _ToPIL(),
-        T.Resize(scale, interpolation=interp),
-        T.CenterCrop((h, w)),
-        T.RandomHorizontalFlip(),
-        T.RandomVerticalFlip(),
-    ]
+    hue = jitter / 5 if hue is None else hue
+    steps: list[Any] = [_ToPIL()]
+    if cell_crop and data["cell_crop"]:
+        steps.append(CellCrop(data["cell_crop"]))
+    steps += [T.Resize(scale, interpolation=interp), T.CenterCrop((h, w))]
+    if scale_jitter > 0:
+        steps.append(T.RandomResizedCrop((h, w), scale=(1 / (1 + scale_jitter) ** 2, 1.0), ratio=(1.0, 1.0),
+                                         interpolation=interp))
+    steps += [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
     if h == w:
         steps.append(RandomRot90())
     if jitter > 0 or hue > 0:
-        steps.append(T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=hue))
+        steps.append(T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=min(hue, 0.5)))
     steps += [T.ToTensor(), T.Normalize(data["mean"], data["std"])]
     return T.Compose(steps)
 

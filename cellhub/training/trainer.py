@@ -191,20 +191,24 @@ def _setup(cfg: TrainConfig) -> _Run:
                                     freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate,
                                     pretrained_weights=cfg.pretrained_weights)
     model.cellhub_config["task"] = model.cellhub_config.get("task") or prepared.task
+    if cfg.cell_crop != "none":
+        model.cellhub_config["cell_crop"] = transforms.cell_crop_spec(cfg.cell_crop)
     dcfg = transforms.resolve_data_config(model)
     size = int(dcfg["input_size"][-1])
-    hw = cache_size(prepared.splits["train"], size)
-    with accelerator.main_process_first():
-        cached = {name: data.cache_resized(ds, hw, cfg.cache_dir, progress=cfg.progress and is_main)
+    crop = dcfg["cell_crop"]
+    hw = (size, size) if crop else cache_size(prepared.splits["train"], size)
+    with accelerator.main_process_first():  # decoded once, cell-cropped when the model asks for it
+        cached = {name: data.cache_resized(ds, hw, cfg.cache_dir, progress=cfg.progress and is_main, cell_crop=crop)
                   for name, ds in prepared.splits.items()}
     groups = {name: [str(g) for g in ds["group"]] for name, ds in prepared.splits.items()}
-    train_set = data.ImageRowDataset(cached["train"], transforms.train_transform(dcfg))
+    train_set = data.ImageRowDataset(cached["train"], transforms.train_transform(
+        dcfg, jitter=cfg.stain_jitter, scale_jitter=cfg.scale_jitter, cell_crop=False))
     n_workers = auto_workers(on_cuda) if cfg.num_workers is None else int(cfg.num_workers)
     loader_kw = dict(num_workers=n_workers, pin_memory=on_cuda, persistent_workers=False)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size,
                                                sampler=_EpochSampler(len(train_set), cfg.seed),
                                                drop_last=len(train_set) > cfg.batch_size, **loader_kw)
-    eval_tf = transforms.eval_transform(dcfg)
+    eval_tf = transforms.eval_transform(dcfg, cell_crop=False)
     eval_sets: dict[str, Any] = {name: data.ImageRowDataset(c, eval_tf) for name, c in cached.items()}
     if len(eval_sets["train"]) > cfg.train_eval_samples:  # the train score only measures the gap
         idx = np.sort(np.random.default_rng(cfg.seed + 2).choice(len(eval_sets["train"]), cfg.train_eval_samples,
@@ -345,7 +349,9 @@ def _evaluate_and_save(run: _Run, history: list[dict[str, Any]], best_epoch: int
                       task=run.prepared.task, pretrained=bool(cc.get("pretrained")), drop_rate=cc.get("drop_rate"),
                       image_size=run.image_size, channels_last=run.channels_last,
                       optimizer="AdamW", schedule="cosine with linear warm-up",
-                      augmentation="flips, 90-degree rotations, mild colour jitter",
+                      augmentation=f"flips, 90-degree rotations, colour jitter {cfg.stain_jitter:g}"
+                                   + (f", zoom up to {1 + cfg.scale_jitter:g}x" if cfg.scale_jitter else ""),
+                      cell_crop=cc.get("cell_crop"),
                       validation="grouped (no source cell / patient on both sides)",
                       best_epoch=best_epoch, notes=run.prepared.notes, mixed_precision=run.mixed_precision,
                       n_train_images=len(run.prepared.splits["train"]), devices=run.accelerator.num_processes)
