@@ -73,33 +73,43 @@ train_malaria() {
 
 verify() {
     # Load each bundled checkpoint the way users do, rebuild the training run's grouped
-    # validation split (same seed and fraction, read from the checkpoint's recipe) and evaluate
-    # it from the original image files. Note: `python -m cellhub evaluate CKPT DATA` on these
-    # folders would evaluate the whole of train (the data has a single split), i.e. mostly
-    # images the model was trained on - it is NOT a held-out figure.
+    # validation split (same sources, seed and fraction, read from the checkpoint's recipe;
+    # cellhub.training.pipeline.prepare_splits, as finetune.py draws it) and evaluate it from the
+    # original image files through the checkpoint's own preprocessing (cell-centred crop
+    # included), independently of the training loop; compare with its metrics.json. Note:
+    # `python -m cellhub evaluate CKPT DATA` on these folders would score the whole of train
+    # (the data has a single split), i.e. mostly images the model was trained on.
     "$PY" - "$DATA" <<'EOF'
 import json, sys
 from pathlib import Path
 
 import cellhub
-from cellhub import data, evaluation
+from cellhub import evaluation
+from cellhub.training.pipeline import prepare_splits
 
 root = Path(sys.argv[1])
+SOURCES = {"blood-cells": ["blood-cells", "pbc"], "pbc": ["pbc"], "malaria": ["malaria"]}
 for ckpt in sorted(Path("checkpoints").iterdir()):
     if not (ckpt / "model.safetensors").exists():
         continue
     model = cellhub.load_pretrained(str(ckpt))
     cc = model.cellhub_config
     recipe = cc["recipe"]
-    dsd = data.load_cell_dataset(root / cc["task"], task=cc["task"], progress=False)
-    val = data.split_by_group(dsd["train"], val_fraction=recipe["val_fraction"], seed=recipe["seed"])["validation"]
-    m = evaluation.evaluate_model(model, val, n_boot=1000, seed=0, progress=False)
+    n_sources = len(str(recipe["dataset"]).split(" + "))
+    sources = [str(root / s) for s in SOURCES[cc["task"]][:n_sources]]
+    prepared = prepare_splits(sources if len(sources) > 1 else sources[0], task=cc["task"],
+                              val_fraction=recipe["val_fraction"], seed=recipe["seed"], progress=False,
+                              group_by=recipe.get("group_by", "auto"))
+    m = evaluation.evaluate_model(model, prepared.splits["validation"], n_boot=1000, seed=0, progress=False)
     saved = json.loads((ckpt / "metrics.json").read_text())
+    cv = saved.get("cross_validation")
     print(f"{ckpt.name}: task {cc['task']}, input {cc['pretrained_cfg']['input_size']}, "
-          f"grouped validation {m['n_images']} images / {m['n_groups']} groups: "
+          f"cell crop {cc.get('cell_crop')}, grouped validation {m['n_images']} images / {m['n_groups']} groups: "
           f"accuracy {m['accuracy']:.4f} CI {[round(x, 4) for x in m['ci95']]}, macro-F1 {m['macro_f1']:.4f}"
           + (f", AUC {m['auc']:.4f}" if m.get("auc") is not None else "")
-          + f" | metrics.json accuracy {saved['accuracy']:.4f} ({saved['split']['name']})")
+          + f" | metrics.json accuracy {saved['accuracy']:.4f} ({saved['split']['name']})"
+          + (f" | {cv['k']}-fold CV pooled {cv['pooled']['accuracy']:.4f} CI {[round(x, 4) for x in cv['pooled']['ci95']]}"
+             if cv else ""))
     if m["n_images"] != saved["n_images"] or abs(m["accuracy"] - saved["accuracy"]) > 0.01:
         sys.exit(f"{ckpt.name}: re-evaluation disagrees with metrics.json")
 EOF
