@@ -122,13 +122,13 @@ def cross_validate(cfg: TrainConfig) -> dict[str, Any]:
 def format_cv_table(cv: dict[str, Any]) -> str:
     """A plain-text table of a cross-validation summary: one line per fold, mean +- sd, pooled."""
     keys = [key for key in CV_METRICS if key in cv["mean"]]
-    head = f"{'fold':>6} {'images':>7} {'groups':>7} " + " ".join(f"{key:>17}" for key in keys)
+    head = f"{'fold':>6} {'images':>7} {'groups':>7} " + " ".join(f"{key:>19}" for key in keys)
     lines = [f"grouped {cv['k']}-fold cross-validation ({cv.get('model')} on {cv.get('task')})", head]
     for r in cv["folds"]:
         lines.append(f"{r['fold']:>6} {r['n_images']:>7} {r['n_groups']:>7} "
-                     + " ".join(f"{r[key]:>17.4f}" if r.get(key) is not None else f"{'n/a':>17}" for key in keys))
+                     + " ".join(f"{r[key]:>19.4f}" if r.get(key) is not None else f"{'n/a':>19}" for key in keys))
     lines.append(f"{'mean':>6} {'':>7} {'':>7} "
-                 + " ".join(f"{cv['mean'][key]:>9.4f} +- {cv['sd'][key]:.4f}" for key in keys))
+                 + " ".join(f"{cv['mean'][key]:>9.4f} +- {cv['sd'][key]:.4f}".rjust(19) for key in keys))
     p = cv["pooled"]
     ci = p.get("ci95")
     lines.append(f"pooled out-of-fold: accuracy {p['accuracy']:.4f}"
