@@ -12,6 +12,7 @@ reaches the same weights as an uninterrupted one (same seed, same hardware).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -249,8 +250,11 @@ def _resume(run: _Run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         logger.warning("--resume: no readable checkpoint in %s; starting from scratch.", out_dir)
         return [], fresh
     saved = state["recipe"]
-    mismatched = {k: (saved.get(k), v) for k, v in cfg.recipe().items()
-                  if k not in ("epochs", "notes") and saved.get(k) != v}
+    # a setting the checkpoint predates (added to TrainConfig since) was at its default then
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(TrainConfig)}
+    mismatched = {k: (saved.get(k, defaults.get(k)), v) for k, v in cfg.recipe().items()
+                  if k not in ("epochs", "notes") and saved.get(k, defaults.get(k)) != v}
     if mismatched:
         raise ValueError(
             f"--resume: the checkpoint in {out_dir} was made with different settings: "
