@@ -80,3 +80,25 @@ def test_fit_with_a_cell_crop_trains_on_cropped_pixels(tmp_path):
     assert cc["recipe"]["cell_crop"]["method"] == "nucleus" and "zoom up to 1.15x" in cc["recipe"]["augmentation"]
     assert any("nucleus" in p.name for p in (tmp_path / "cache" / "resized").glob("*.arrow"))
     assert m["splits"]["validation"]["n_images"] > 0
+
+
+def test_cell_boxes_are_found_once_per_file_across_subsets(tmp_path, monkeypatch):
+    """Cross-validation folds are subsets with their own decode cache: the crop boxes are not found again."""
+    from cellhub.data import cache_resized, load_cell_dataset
+    from cellhub.synthetic import write_imagefolder
+
+    data = write_imagefolder(tmp_path / "lab", task="blood-cells", n_per_class=3, size=64, splits=None)
+    ds = load_cell_dataset(str(data), cache_dir=str(tmp_path / "c"), progress=False, group_by="file")["train"]
+    calls = []
+    real = transforms.cell_box
+    monkeypatch.setattr(transforms, "cell_box", lambda im, spec: calls.append(1) or real(im, spec))
+    full = cache_resized(ds, 32, tmp_path / "c", cell_crop="nucleus", progress=False)
+    assert len(calls) == len(ds)
+    part = cache_resized(ds.select([0, 2, 5]), 32, tmp_path / "c", cell_crop="nucleus", progress=False)
+    assert len(calls) == len(ds)  # every box came from the cache
+    px = np.asarray(full.with_format("numpy")["pixels"][[0, 2, 5]], dtype=np.uint8)
+    assert np.array_equal(np.asarray(part.with_format("numpy")["pixels"], dtype=np.uint8), px)
+    # and the pixels are those of the crop, not of the whole image
+    img = ds[2]["image"].convert("RGB")
+    expected = np.asarray(transforms.cell_crop(img, "nucleus").resize((32, 32), Image.BILINEAR, reducing_gap=3.0))
+    assert np.abs(px[1].astype(int) - expected.astype(int)).mean() < 2

@@ -8,6 +8,7 @@ int64 widening ``datasets`` applies; :class:`ImageRowDataset` serves either colu
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
-from ..cache import default_cache_dir, update_with_files
+from ..cache import atomic_write_json, default_cache_dir, file_identity, read_json, update_with_files
 
 __all__ = ["cache_resized", "pixels_array", "ImageRowDataset"]
 
@@ -45,6 +46,40 @@ def _cover(im: PILImage.Image, w: int, h: int) -> PILImage.Image:
     cw, ch = w / scale, h / scale
     left, top = (iw - cw) / 2, (ih - ch) / 2
     return im.resize((w, h), PILImage.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=3.0)
+
+
+def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> list[list[int]]:
+    """The cell-centred crop box of every row (:func:`cellhub.transforms.cell_box`), found once per
+    image file: boxes are kept in ``cache_root/cellboxes-<spec>.json`` keyed by path, size and
+    mtime, so the folds of a cross-validation (each its own subset) only crop and resize."""
+    from datasets import Image
+    from tqdm.auto import tqdm
+
+    from ..transforms import cell_box
+
+    tag = f"{spec['method']}{spec['side_rbc_radii']:g}"
+    store_path = cache_root / f"cellboxes-{tag}.json"
+    store = read_json(store_path, {}, warn=True)
+    store = store if isinstance(store, dict) else {}
+    raw = ds.select_columns(["image"]).cast_column("image", Image(decode=False))
+    boxes, added = [], 0
+    for row in tqdm(raw, total=len(raw), desc="finding the cells", unit="img", disable=not progress,
+                    mininterval=1.0):
+        x = row["image"]
+        path, data = x.get("path"), x.get("bytes")
+        ident = file_identity(path) if path and not data else None
+        key = f"{path}|{ident[0]}|{ident[1]}" if ident else None
+        if key and key in store:
+            boxes.append(list(store[key]))
+            continue
+        with PILImage.open(io.BytesIO(data) if data else path) as im:
+            box = list(cell_box(im.convert("RGB"), spec))
+        boxes.append(box)
+        if key:
+            store[key], added = box, added + 1
+    if added:
+        atomic_write_json(store_path, store)
+    return boxes
 
 
 def _dataset_key(ds) -> str:
@@ -95,7 +130,7 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
     cache_root = cache_root / "resized"
     cache_root.mkdir(parents=True, exist_ok=True)
     key = _dataset_key(ds)
-    from ..transforms import cell_crop as crop_cell, cell_crop_spec
+    from ..transforms import cell_crop_spec
 
     spec = cell_crop_spec(cell_crop)
     crop_tag = f"-{spec['method']}{spec['side_rbc_radii']:g}" if spec else ""
@@ -106,10 +141,10 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
 
     def _resize(batch: dict[str, list]) -> dict[str, list]:
         out = []
-        for im in batch["image"]:
+        for k, im in enumerate(batch["image"]):
             im = im.convert("RGB")
             if spec:
-                im = crop_cell(im, spec)
+                im = im.crop(tuple(batch["_cell_box"][k]))
             if im.size != (w, h):
                 im = _cover(im, w, h)
             out.append(np.asarray(im, dtype=np.uint8))
@@ -121,11 +156,15 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
         logger.info("Decoding %d images once at %dx%d%s into %s", len(ds), h, w,
                     " (cell-centred crops)" if spec else "", cache_file)
     src = ds.cast_column("image", Image(decode=True))
+    drop = [] if keep_image else ["image"]
+    if spec and not cache_file.exists():  # boxes found once per file (cached across subsets)
+        src = src.add_column("_cell_box", _cell_boxes(ds, spec, cache_root, progress))
+        drop.append("_cell_box")
     if not progress:
         disable_progress_bars()
     try:
         out = src.map(_resize, batched=True, batch_size=64, features=features, num_proc=num_proc,
-                      remove_columns=[] if keep_image else ["image"], cache_file_name=str(cache_file),
+                      remove_columns=drop, cache_file_name=str(cache_file),
                       load_from_cache_file=True, writer_batch_size=256, desc=f"resizing to {h}x{w}")
     finally:
         if not progress:
