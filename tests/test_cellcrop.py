@@ -102,3 +102,12 @@ def test_cell_boxes_are_found_once_per_file_across_subsets(tmp_path, monkeypatch
     img = ds[2]["image"].convert("RGB")
     expected = np.asarray(transforms.cell_crop(img, "nucleus").resize((32, 32), Image.BILINEAR, reducing_gap=3.0))
     assert np.abs(px[1].astype(int) - expected.astype(int)).mean() < 2
+
+
+def test_decode_once_resizes_crops_of_any_side():
+    """A square crop of side 122, 154, 211, ... once overshot its own box by a rounding hair (a crash)."""
+    from cellhub.data.resized import _cover
+
+    for side in (122, 154, 211, 244, 245, 308, 319, 320):
+        assert _cover(Image.new("RGB", (side, side)), 80, 80).size == (80, 80)
+        assert _cover(Image.new("RGB", (side + 37, side)), 80, 80).size == (80, 80)

@@ -43,8 +43,8 @@ def _cover(im: PILImage.Image, w: int, h: int) -> PILImage.Image:
     """``im`` scaled to cover (w, h) and centre-cropped to it (a plain resize when the aspect matches)."""
     iw, ih = im.size
     scale = max(w / iw, h / ih)
-    cw, ch = w / scale, h / scale
-    left, top = (iw - cw) / 2, (ih - ch) / 2
+    cw, ch = min(w / scale, iw), min(h / scale, ih)  # (rounding may overshoot the image by a hair)
+    left, top = max((iw - cw) / 2, 0.0), max((ih - ch) / 2, 0.0)
     return im.resize((w, h), PILImage.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=3.0)
 
 
