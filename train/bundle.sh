@@ -59,7 +59,8 @@ train_blood() {
     # images; groups = near-duplicates); cell-centred crops, stain and scale augmentation
     timed smallcnn-blood-cells "$PY" train/finetune.py --task blood-cells \
         --dataset "$DATA/blood-cells" --dataset "$DATA/pbc" "${COMMON[@]}" \
-        --image-size 80 --epochs 6 --label-smoothing 0.1 ${BLOOD_AUG} --cv 3 \
+        --image-size 80 --epochs 6 --label-smoothing 0.1 \
+        --cell-crop nucleus --stain-jitter 0.3 --scale-jitter 0.15 --cv 3 \
         --output-dir "$WORK/smallcnn-blood-cells"
     publish "$WORK/smallcnn-blood-cells" smallcnn-blood-cells
 }
