@@ -1,7 +1,7 @@
 """Benchmark `fields`: whole-field analysis (``cellhub.fields.analyze_field``), CPU, no CAM.
 
-One 640x480 field analysed with every model (default: the three bundled checkpoints, two
-blood-cell models on the white cells and the malaria model on the red cells), interleaved:
+One 640x480 field analysed with every model (default: the bundled blood-cell model on the white
+cells and the bundled malaria model on the red cells), interleaved:
 
 * ``batched`` -- ``analyze_field(image, predictors)``: detection, then the crops of each kind
                  through each Predictor in one ``predict`` call                       (the product)
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-BUNDLED = ["checkpoints/smallcnn-blood-cells", "checkpoints/smallcnn-128-blood-cells", "checkpoints/smallcnn-malaria"]
+BUNDLED = ["checkpoints/smallcnn-blood-cells", "checkpoints/smallcnn-malaria"]
 TARGET_FIELD_S = 1.0
 TARGET_HUGE_S = 10.0
 
@@ -111,7 +111,7 @@ def run(args) -> list[C.Result]:
 def main(argv=None) -> int:
     p = C.parser(__doc__)
     p.add_argument("--image", default=None, help="a real 640x480 field photo (default: a drawn smear)")
-    p.add_argument("--models", nargs="+", default=BUNDLED, help="checkpoint folders (default: the bundled three)")
+    p.add_argument("--models", nargs="+", default=BUNDLED, help="checkpoint folders (default: the bundled blood-cell and malaria models)")
     return C.run_benchmark(p, run, argv)
 
 
