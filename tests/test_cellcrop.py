@@ -9,7 +9,7 @@ from PIL import Image
 
 from cellhub import transforms
 from cellhub.detect import white_cell_centre
-from cellhub.synthetic import draw_blood_cell, draw_smear
+from cellhub.synthetic import draw_smear
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -11,6 +11,14 @@ __all__ = ["split_by_group", "ensure_validation", "group_kfold", "cv_fold"]
 logger = logging.getLogger(__name__)
 
 
+def _labels_and_groups(ds, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``label`` and ``group`` columns as arrays (groups as strings); a clear error without them."""
+    for col in ("label", "group"):
+        if col not in ds.column_names:
+            raise ValueError(f"{who} needs a {col!r} column; the dataset has {ds.column_names}.")
+    return np.asarray(list(ds["label"])), np.asarray([str(g) for g in ds["group"]])
+
+
 def split_by_group(ds, val_fraction: float = 0.2, seed: int = 0):
     """Split ``ds`` into ``train``/``validation``: stratified by label, no group on both sides.
 
@@ -23,11 +31,7 @@ def split_by_group(ds, val_fraction: float = 0.2, seed: int = 0):
 
     if not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}.")
-    for col in ("label", "group"):
-        if col not in ds.column_names:
-            raise ValueError(f"split_by_group needs a {col!r} column; the dataset has {ds.column_names}.")
-    labels = np.asarray(list(ds["label"]))
-    groups = np.asarray([str(g) for g in ds["group"]])
+    labels, groups = _labels_and_groups(ds, "split_by_group")
     rng = np.random.default_rng(seed)
     by_group: dict[str, Counter] = defaultdict(Counter)
     for g, lab in zip(groups, labels):
@@ -85,11 +89,7 @@ def group_kfold(ds, k: int, seed: int = 0) -> np.ndarray:
 
     if int(k) < 2:
         raise ValueError(f"--cv needs at least 2 folds, got {k}.")
-    for col in ("label", "group"):
-        if col not in ds.column_names:
-            raise ValueError(f"group_kfold needs a {col!r} column; the dataset has {ds.column_names}.")
-    labels = np.asarray(list(ds["label"]))
-    groups = np.asarray([str(g) for g in ds["group"]])
+    labels, groups = _labels_and_groups(ds, "group_kfold")
     n_groups = len(set(groups.tolist()))
     if n_groups < k:
         raise ValueError(f"{k}-fold cross-validation needs at least {k} groups; the data has {n_groups}. "
