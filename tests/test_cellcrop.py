@@ -38,6 +38,10 @@ def test_unknown_crop_names_fail_clearly():
     with pytest.raises(ValueError, match="choose none or nucleus"):
         transforms.cell_crop_spec("middle")
     assert transforms.cell_crop_spec("none") is None
+    from cellhub.training import TrainConfig
+
+    with pytest.raises(ValueError, match="choose none or nucleus"):
+        TrainConfig(dataset="x", cell_crop="middle").validate()
 
 
 def test_a_cell_crop_model_records_it_and_predict_applies_it(tmp_path):

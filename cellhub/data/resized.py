@@ -48,6 +48,11 @@ def _cover(im: PILImage.Image, w: int, h: int) -> PILImage.Image:
     return im.resize((w, h), PILImage.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=3.0)
 
 
+def _crop_tag(spec: dict[str, Any]) -> str:
+    """A cell-crop spec in a cache file name (``nucleus10``)."""
+    return f"{spec['method']}{spec['side_rbc_radii']:g}"
+
+
 def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> list[list[int]]:
     """The cell-centred crop box of every row (:func:`cellhub.transforms.cell_box`), found once per
     image file: boxes are kept in ``cache_root/cellboxes-<spec>.json`` keyed by path, size and
@@ -57,8 +62,7 @@ def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> l
 
     from ..transforms import cell_box
 
-    tag = f"{spec['method']}{spec['side_rbc_radii']:g}"
-    store_path = cache_root / f"cellboxes-{tag}.json"
+    store_path = cache_root / f"cellboxes-{_crop_tag(spec)}.json"
     store = read_json(store_path, {}, warn=True)
     store = store if isinstance(store, dict) else {}
     raw = ds.select_columns(["image"]).cast_column("image", Image(decode=False))
@@ -133,7 +137,7 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
     from ..transforms import cell_crop_spec
 
     spec = cell_crop_spec(cell_crop)
-    crop_tag = f"-{spec['method']}{spec['side_rbc_radii']:g}" if spec else ""
+    crop_tag = f"-{_crop_tag(spec)}" if spec else ""
     cache_file = cache_root / f"{key}-{h}x{w}-fit{crop_tag}.arrow"  # "-fit": centre-cropped, not stretched
     feats = {k: v for k, v in ds.features.items() if keep_image or k != "image"}
     feats["pixels"] = Array3D(shape=(h, w, 3), dtype="uint8")

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..tasks import GROUP_BY, GROUP_BY_HELP
 from ..models import available_models
+from ..transforms import CELL_CROPS, cell_crop_spec
 
 __all__ = ["TrainConfig", "SELECT_METRICS", "MIXED_PRECISION", "add_config_arguments", "config_from_namespace"]
 
@@ -60,7 +61,7 @@ class TrainConfig:
     cell_crop: str = _opt("none", "nucleus: crop every image to a square centred on the white cell's nucleus, 10 "
                                   "red-cell radii a side, before resizing (training, evaluation and prediction "
                                   "alike; recorded in the checkpoint): one scale across labs and crop sizes",
-                          "model", choices=("none", "nucleus"))
+                          "model", choices=("none", *CELL_CROPS))
     stain_jitter: float = _opt(0.1, "colour augmentation: brightness, contrast and saturation jitter (hue: a fifth "
                                     "of it)", "optimisation")
     scale_jitter: float = _opt(0.0, "scale augmentation: random zoom up to 1 + this", "optimisation")
@@ -138,8 +139,7 @@ class TrainConfig:
             raise ValueError(f"mixed_precision {self.mixed_precision!r} unknown; choose auto, no, bf16 or fp16.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}.")
-        if self.cell_crop not in ("none", "nucleus"):
-            raise ValueError(f"cell_crop {self.cell_crop!r} unknown; choose none or nucleus.")
+        cell_crop_spec(self.cell_crop)  # ValueError naming the choices
         if not 0.0 <= self.stain_jitter <= 1.0:
             raise ValueError(f"stain_jitter must be in [0, 1], got {self.stain_jitter}.")
         if not 0.0 <= self.scale_jitter <= 1.0:
