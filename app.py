@@ -48,6 +48,7 @@ from cellhub.fields import (  # noqa: E402
     cell_crops,
     classified_kind,
     result_rows,
+    whole_field_problem,
 )
 from cellhub.images import DEFAULT_LIMITS, InputError, Limits, collect_images, read_image  # noqa: E402
 from cellhub.predict import Consensus, Prediction, Predictor, consensus, load_predictors  # noqa: E402
@@ -321,6 +322,13 @@ def predict_single(state: AppState, image: str | None, task: str) -> list[Any]:
         note = (f"### Not a blood-cell image\n{Path(image).name}: {verdict.reason}. Nothing was classified: upload "
                 "a crop of one stained blood cell (or use the *Whole field* tab for a field photo).")
         summary = {"task": task, "image_size": list(img.size), "not_a_blood_cell": True, "reason": verdict.reason,
+                   "consensus": None, "models": []}
+        return [note, summary, *([None, None, None] * state.n_slots)]
+    problem = whole_field_problem(img, task)
+    if problem:  # one label for a whole field would mislead: said so, not classified
+        note = (f"### A whole field, not one cell\n{Path(image).name}: {problem}. Nothing was classified here: "
+                "use the *Whole field* tab, which finds and classifies every cell.")
+        summary = {"task": task, "image_size": list(img.size), "whole_field": True, "reason": problem,
                    "consensus": None, "models": []}
         return [note, summary, *([None, None, None] * state.n_slots)]
     preds: list[Prediction] = []

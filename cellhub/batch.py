@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .cellcheck import check_cell_image
+from .fields import whole_field_problem
 from .images import DEFAULT_LIMITS, ImageRef, InputError, Limits, read_image
 from .predict import Consensus, Prediction, Predictor, consensus
 from .serving import cpu_cores
@@ -161,8 +162,8 @@ def _task_labels(predictors: Sequence[Predictor]) -> list[str]:
     return labels
 
 
-def _decoder(transforms: Sequence[Callable[[Image.Image], torch.Tensor]], limits: Limits, check_cells: bool
-             ) -> Callable[[ImageRef, bytes | InputError], tuple[Image.Image, list[torch.Tensor]] | InputError]:
+def _decoder(transforms: Sequence[Callable[[Image.Image], torch.Tensor]], limits: Limits, check_cells: bool,
+             task: str | None = None) -> Callable[[ImageRef, bytes | InputError], tuple[Image.Image, list[torch.Tensor]] | InputError]:
     """``decode(ref, blob)``: the image and its tensors for each transform, or the InputError saying why not."""
 
     def decode(ref: ImageRef, blob: bytes | InputError) -> tuple[Image.Image, list[torch.Tensor]] | InputError:
@@ -176,6 +177,9 @@ def _decoder(transforms: Sequence[Callable[[Image.Image], torch.Tensor]], limits
             verdict = check_cell_image(img)
             if not verdict.ok:
                 return InputError(f"{ref.name}: not a blood-cell image: {verdict.reason}; not classified.")
+            problem = whole_field_problem(img, task)
+            if problem:
+                return InputError(f"{ref.name}: {problem}. Not classified.")
         return img, [t(img) for t in transforms]
 
     return decode
@@ -207,7 +211,8 @@ def predict_files(
     the result keeps only the counts and the skipped files, so memory stays flat for any number
     of images. With ``check_cells`` an image that does not look like a stained blood-cell image
     (:func:`cellhub.cellcheck.check_cell_image`) is not classified: it is listed in ``skipped`` as
-    "not a blood-cell image" with the reason.
+    "not a blood-cell image" with the reason; so is one that looks like a whole microscope field
+    rather than one cell's crop (:func:`cellhub.fields.whole_field_problem`).
     """
     if not predictors:
         raise ValueError("no models to predict with")
@@ -225,7 +230,8 @@ def predict_files(
     transforms = [predictors[keys.index(k)].transform for k in distinct]
     which = [distinct.index(k) for k in keys]
 
-    decode = _decoder(transforms, limits, check_cells)
+    tasks = {str(p.task) for p in predictors}
+    decode = _decoder(transforms, limits, check_cells, tasks.pop() if len(tasks) == 1 else None)
     chunks = iter_decoded(list(refs), decode, read=lambda chunk: _read_blobs(chunk, limits),
                           chunk_size=batch_size, workers=workers)
     for start, chunk, decoded in chunks:

@@ -146,7 +146,8 @@ def _add_predict(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no line per image on the terminal (the CSV has them)")
     p.add_argument("--no-cell-check", dest="cell_check", action="store_false",
                    help="classify every image, also those that do not look like a stained blood-cell image "
-                        "(by default they are listed as skipped: 'not a blood-cell image')")
+                        "or that look like a whole microscope field (by default they are listed as skipped, "
+                        "with the reason)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="images decoded at once (default 32); each forward pass takes 8 of them on the CPU, 32 on a GPU")
     p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default: CPUs + 1, max 8)")

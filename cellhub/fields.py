@@ -36,6 +36,7 @@ from .predict import Prediction, Predictor, consensus
 __all__ = [
     "CellResult", "FieldResult", "FieldsResult", "analyze_field", "analyze_fields", "annotate", "result_rows",
     "wilson_interval", "cells_needed", "wbc_crop", "rbc_crop", "cell_crops", "DEFAULT_HALF_WIDTH", "classified_kind",
+    "whole_field_problem", "FIELD_CHECK_MIN_SIDE", "FIELD_MIN_CELLS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -275,6 +276,35 @@ def _single_cell_problem(det: Detection, arr: np.ndarray) -> str | None:
         if centred and (min(w, h) < 300 or (x1 - x0) > 0.6 * w):
             return "it looks like a single white-cell crop (one white cell in the middle, filling the image)"
     return None
+
+
+#: a single-cell crop is checked for being a whole field only from this short side on (pixels): the
+#: crops of the development data are at most 363 px (Kaggle 320x240, PBC 360x363, malaria <= 128),
+#: so they are never slowed down or flagged; microscope fields (640x480 and up) are
+FIELD_CHECK_MIN_SIDE = 400
+#: how many cells of the classified kind make an image a field rather than one cell's crop
+FIELD_MIN_CELLS = {"wbc": 2, "rbc": 5}
+
+
+def whole_field_problem(image: Image.Image, task: str | None) -> str | None:
+    """Why an image given as one cell's crop looks like a whole microscope field, or None.
+
+    A crop classifier given a field would label the whole photo with one class (one white cell
+    picked, or one "parasitized" call for hundreds of red cells). Images with a short side under
+    :data:`FIELD_CHECK_MIN_SIDE` are taken as crops without looking; larger ones are run through
+    the field detector, and :data:`FIELD_MIN_CELLS` or more cells of the kind the task classifies
+    make it a field. A large photo of one white cell (one found) passes.
+    """
+    if min(image.size) < FIELD_CHECK_MIN_SIDE:
+        return None
+    kind = classified_kind(task)
+    found = detect_cells(image).of_kind(kind)
+    if len(found) < FIELD_MIN_CELLS[kind]:
+        return None
+    what = "white cells" if kind == "wbc" else "red cells"
+    return (f"it looks like a photo of a whole microscope field ({len(found)} {what} found), not one cell's crop; "
+            "analyze fields with `python -m cellhub analyze` or the app's Whole field tab, which find and "
+            "classify every cell")
 
 
 def _check_field(det: Detection, arr: np.ndarray, name: str, allow_single_cell: bool) -> None:

@@ -283,3 +283,56 @@ def test_cli_single_cell_crop_is_refused(tmp_path, capsys):
     draw_blood_cell("monocyte", seed=2).save(tmp_path / "crop.png")
     assert main(["analyze", str(blood), str(tmp_path / "crop.png")]) == 2
     assert "single white-cell crop" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- a whole field given as a crop
+def _two_white_cell_field():
+    left, _ = draw_smear("lymphocyte", seed=1)
+    right, _ = draw_smear("monocyte", seed=2)
+    both = Image.new("RGB", (1280, 480))
+    both.paste(left, (0, 0))
+    both.paste(right, (640, 0))
+    return both
+
+
+def test_a_whole_field_given_as_a_crop_is_said_to_be_one():
+    from cellhub.fields import whole_field_problem
+
+    malaria_field = red_cell_field(grid(12, 9, 18, (640, 480)), size=(640, 480))
+    problem = whole_field_problem(malaria_field, "malaria")
+    assert problem and "whole microscope field" in problem and "red cells found" in problem
+    assert "white cells found" in (whole_field_problem(_two_white_cell_field(), "blood-cells") or "")
+    # crops (and a field photo with one white cell, which the cell-centred crop handles) pass
+    assert whole_field_problem(draw_malaria_cell("parasitized", seed=0)[0], "malaria") is None
+    assert whole_field_problem(draw_blood_cell("monocyte", seed=0), "blood-cells") is None
+    assert whole_field_problem(draw_smear("monocyte", seed=3)[0], "blood-cells") is None
+    # small images are crops without looking: a 360 px field of red cells is not run through the detector
+    assert whole_field_problem(red_cell_field(grid(8, 6, 18, (480, 360))), "malaria") is None
+
+
+def test_predict_skips_a_whole_field_with_the_reason(malaria_predictor, tmp_path, caplog):
+    from cellhub.batch import predict_files
+    from cellhub.cli import main
+    from cellhub.hub import save_pretrained
+    from cellhub.images import collect_images
+
+    red_cell_field(grid(12, 9, 18, (640, 480)), size=(640, 480)).save(tmp_path / "field.png")
+    draw_malaria_cell("uninfected", seed=1)[0].save(tmp_path / "cell.png")
+    refs, _ = collect_images([tmp_path])
+    result = predict_files([malaria_predictor], refs)
+    assert [f.rsplit("/", 1)[-1] for f in result.files] == ["cell.png"]
+    (name, reason), = result.skipped
+    assert name.endswith("field.png") and "whole microscope field" in reason and "analyze" in reason
+    assert predict_files([malaria_predictor], refs, check_cells=False).n_predicted == 2  # the user's choice
+    ck = save_pretrained(create_model("smallcnn", "malaria", pretrained=False, image_size=32), tmp_path / "ck")
+    assert main(["predict", str(ck), str(tmp_path / "field.png"), str(tmp_path / "cell.png")]) == 0
+    assert "skipped field.png: it looks like a photo of a whole microscope field" in caplog.text
+
+
+def test_app_says_a_whole_field_is_not_one_cell(malaria_predictor, tmp_path):
+    app = pytest.importorskip("app")
+    state = app.make_state([malaria_predictor], out_dir=tmp_path / "out")
+    red_cell_field(grid(12, 9, 18, (640, 480)), size=(640, 480)).save(tmp_path / "field.png")
+    md, summary, *slots = app.predict_single(state, str(tmp_path / "field.png"), "malaria")
+    assert md.startswith("### A whole field, not one cell") and "Whole field" in md
+    assert summary["whole_field"] is True and summary["models"] == [] and all(s is None for s in slots)
