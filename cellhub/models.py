@@ -31,6 +31,7 @@ __all__ = [
     "resolve_device",
     "fuse_conv_bn_for_inference",
     "data_config_from_pretrained_cfg",
+    "set_interpolation",
     "ModelSpec",
     "PretrainedWeightsUnavailable",
     "SmallCNN",
@@ -599,6 +600,17 @@ def data_config_from_pretrained_cfg(pcfg: dict[str, Any]) -> dict[str, Any]:
         "crop_pct": float(pcfg.get("crop_pct", 1.0)),
         "crop_mode": str(pcfg.get("crop_mode", "center")),
     }
+
+
+def set_interpolation(model: nn.Module, interpolation: str) -> None:
+    """Record ``interpolation`` as the model's resampling (timm's ``pretrained_cfg`` and cellhub's copy
+    of it), so that the checkpoint's preprocessing is the one its training used."""
+    pcfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(pcfg, dict):
+        pcfg["interpolation"] = interpolation
+    cfg = getattr(model, "cellhub_config", None) or {}
+    if isinstance(cfg.get("pretrained_cfg"), dict):
+        cfg["pretrained_cfg"]["interpolation"] = interpolation
 
 
 def _model_name(model: nn.Module) -> str | None:

@@ -308,3 +308,21 @@ def test_cv_settings_fail_early():
         TrainConfig(dataset="x", cv=1).validate()
     with pytest.raises(ValueError, match="--cv-only needs --cv"):
         TrainConfig(dataset="x", cv_only=True).validate()
+
+
+def test_a_timm_model_records_the_resampling_its_training_saw(blood, tmp_path):
+    """timm's configs say bicubic; training sees the decode-once cache (bilinear). The checkpoint must
+    say bilinear, so that predicting from the image files reproduces the training run's figures."""
+    from cellhub import create_model, data, evaluation
+    from cellhub.data import load_cell_dataset
+    from cellhub.hub import load_pretrained
+
+    assert create_model("efficientnet_lite0", "blood-cells", pretrained=False).pretrained_cfg["interpolation"] == "bicubic"
+    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", model="efficientnet_lite0", pretrained=False,
+                 epochs=1, save_checkpoints=False))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["interpolation"] == data.CACHE_INTERPOLATION == "bilinear"
+    assert cfg["cellhub"]["pretrained_cfg"]["interpolation"] == "bilinear"
+    test = load_cell_dataset(blood, progress=False)["test"]
+    again = evaluation.evaluate_model(load_pretrained(tmp_path / "run"), test, n_boot=10, progress=False)
+    assert again["accuracy"] == pytest.approx(m["splits"]["test"]["accuracy"], abs=1e-9)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from ..cache import default_cache_dir
 from ..images import IMAGE_EXTENSIONS, check_image
 from .report import DatasetLayoutError, LoadReport
-from .resized import ImageRowDataset, cache_resized, pixels_array
+from .resized import CACHE_INTERPOLATION, ImageRowDataset, cache_resized, pixels_array
 from .sources import infer_task, load_cell_dataset
 from .splits import cv_fold, ensure_validation, group_kfold, split_by_group
 
@@ -38,6 +38,7 @@ __all__ = [
     "group_kfold",
     "cv_fold",
     "cache_resized",
+    "CACHE_INTERPOLATION",
     "pixels_array",
     "ImageRowDataset",
     "infer_task",

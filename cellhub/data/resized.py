@@ -21,7 +21,12 @@ from PIL import Image as PILImage
 
 from ..cache import atomic_write_json, default_cache_dir, file_identity, read_json, update_with_files
 
-__all__ = ["cache_resized", "pixels_array", "ImageRowDataset"]
+__all__ = ["cache_resized", "pixels_array", "ImageRowDataset", "CACHE_INTERPOLATION"]
+
+#: how :func:`cache_resized` resamples: what every trained model saw, so training records it as
+#: the model's interpolation (timm's ImageNet configs say bicubic; predicting with another
+#: resampling than training's cost 1.8 points on PBC, RESULTS.md)
+CACHE_INTERPOLATION = "bilinear"
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ def _cover(im: PILImage.Image, w: int, h: int) -> PILImage.Image:
     scale = max(w / iw, h / ih)
     cw, ch = min(w / scale, iw), min(h / scale, ih)  # (rounding may overshoot the image by a hair)
     left, top = max((iw - cw) / 2, 0.0), max((ih - ch) / 2, 0.0)
-    return im.resize((w, h), PILImage.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=3.0)
+    return im.resize((w, h), PILImage.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=3.0)  # = CACHE_INTERPOLATION
 
 
 def _crop_tag(spec: dict[str, Any]) -> str:

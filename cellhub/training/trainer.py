@@ -192,6 +192,8 @@ def _setup(cfg: TrainConfig) -> _Run:
                                     freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate,
                                     pretrained_weights=cfg.pretrained_weights)
     model.cellhub_config["task"] = model.cellhub_config.get("task") or prepared.task
+    # training sees the decode-once cache, resampled bilinearly: predict must resize new images so too
+    models.set_interpolation(model, data.CACHE_INTERPOLATION)
     if cfg.cell_crop != "none":
         model.cellhub_config["cell_crop"] = transforms.cell_crop_spec(cfg.cell_crop)
     dcfg = transforms.resolve_data_config(model)
