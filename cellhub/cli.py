@@ -347,8 +347,10 @@ def _print_summary(result: Any, predictor: Any, args: argparse.Namespace) -> Non
     n = result.n_predicted
     rate = n / result.seconds if result.seconds > 0 else float("nan")
     print(f"\n{n} images in {result.seconds:.2f} s ({rate:.1f} img/s) with {predictor.name} ({predictor.task}):")
-    for label, count, pct in result.counts():
-        print(f"  {label:<14} {count:>6}  {pct:5.1f}%")
+    rows = result.counts()
+    width = max([14, *(len(str(label)) for label, _, _ in rows)])  # "immature granulocyte" is 20
+    for label, count, pct in rows:
+        print(f"  {label:<{width}} {count:>6}  {pct:5.1f}%")
     if predictor.threshold is None:
         print("  (this checkpoint has no abstention threshold: low-confidence predictions are not flagged)")
     else:
