@@ -79,11 +79,7 @@ def main(argv=None) -> int:
     smear_dir = args.data / "blood-cells" / "dataset-master" / "dataset-master" / "JPEGImages"
     rng = random.Random(args.seed)
     images, groups, files = [], [], []
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        def tqdm(x, **_):
-            return x
+    from tqdm.auto import tqdm
     for fid in tqdm(ids, desc="fields"):
         image = read_image(smear_dir / f"{fid}.jpg")
         det = detect_cells(image)

@@ -27,6 +27,7 @@ __all__ = ["cache_resized", "pixels_array", "ImageRowDataset", "CACHE_INTERPOLAT
 #: the model's interpolation (timm's ImageNet configs say bicubic; predicting with another
 #: resampling than training's cost 1.8 points on PBC, RESULTS.md)
 CACHE_INTERPOLATION = "bilinear"
+_CACHE_RESAMPLE = PILImage.Resampling[CACHE_INTERPOLATION.upper()]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def _cover(im: PILImage.Image, w: int, h: int) -> PILImage.Image:
     scale = max(w / iw, h / ih)
     cw, ch = min(w / scale, iw), min(h / scale, ih)  # (rounding may overshoot the image by a hair)
     left, top = max((iw - cw) / 2, 0.0), max((ih - ch) / 2, 0.0)
-    return im.resize((w, h), PILImage.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=3.0)  # = CACHE_INTERPOLATION
+    return im.resize((w, h), _CACHE_RESAMPLE, box=(left, top, left + cw, top + ch), reducing_gap=3.0)
 
 
 def _crop_tag(spec: dict[str, Any]) -> str:
