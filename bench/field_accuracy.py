@@ -135,6 +135,13 @@ def pbc(n: int, params, seed: int = 0) -> dict:
     return {"pbc_images": len(sample), "pbc_exactly_one": hist.get(1, 0) / len(sample), "pbc_hist": hist, "pbc_wrong_by_class": wrong}
 
 
+def _value(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text  # red_cells=hough, fieldnet=PATH
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["tune", "heldout"], default="tune")
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N fields of the part")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    params = with_params(**{k: float(v) for k, v in (s.split("=", 1) for s in args.set)}) if args.set else DEFAULT_PARAMS
+    params = with_params(**{k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}) if args.set else DEFAULT_PARAMS
     ids = split_ids()[args.part][: args.limit]
     predictors = None
     if args.malaria:

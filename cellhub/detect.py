@@ -14,7 +14,11 @@ Classical image processing only (OpenCV, numpy, scipy); nothing is trained:
   a white cell outside the photo) is not counted.
 * **platelets** — small purple blobs away from white cells and not inside a red cell (a purple dot
   inside a red cell is a parasite or a stain speck, part of that red cell).
-* **red cells** — circles of about one red-cell radius (Hough transform of the green channel)
+* **red cells** — by default the learned finder of :mod:`cellhub.fieldnet`: a small network
+  trained on annotated BCCD fields predicts red-cell centres and boxes on the working image (it
+  learned which clumped and border-cut cells annotators box); centres inside a white cell are
+  dropped. ``DetectParams(red_cells="hough")``, or a missing weights file, gives the classical
+  finder: circles of about one red-cell radius (Hough transform of the green channel)
   whose disk is mostly red-cell mask (the cell mask, or redder than the background, holes filled;
   white cells cut out): touching and overlapping cells each give their own circle. A cell cut by
   the image border is counted only when much of it is visible, as the BCCD annotators do.
@@ -37,8 +41,10 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+from cellhub.fieldnet import load_fieldnet, net_red_cells
+
 __all__ = ["Cell", "Detection", "DetectParams", "DEFAULT_PARAMS", "detect_cells", "box_iou", "field_problem",
-           "estimate_radius", "white_cell_centre"]
+           "estimate_radius", "white_cell_centre", "working_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,12 @@ class DetectParams:
     #: touch the border, 95% of those with at least half of a whole cell's box visible, but many
     #: border cells are not boxed at all: this threshold matched the annotators' counts best
     rbc_border_min_area: float = 2.8
+    #: how red cells are found: ``"net"`` -- the learned centre-heatmap network of
+    #: :mod:`cellhub.fieldnet`, trained on annotated BCCD fields (``train/train_detector.py``; the
+    #: classical finder below when its weights are absent); ``"hough"`` -- the circles above
+    red_cells: str = "net"
+    #: the field network's weights (None: the bundled ``cellhub/assets/fieldnet.safetensors``)
+    fieldnet: str | None = None
 
 
 DEFAULT_PARAMS = DetectParams()
@@ -367,10 +379,23 @@ def _detect_tile(arr: np.ndarray, r: float, p: DetectParams) -> list[tuple[str, 
         pad = 1
         pbox = (max(0, box[0] - pad), max(0, box[1] - pad), min(w, box[2] + pad), min(h, box[3] + pad))
         out.append(("platelet", pbox, a, (cx, cy)))
+    loaded = _fieldnet(p)
+    if loaded is not None:
+        for box, a, (row, col) in net_red_cells(*loaded, arr, keep.astype(bool), r):
+            out.append(("rbc", box, a, (float(col), float(row))))
+        return out
     red = ndi.binary_fill_holes(fg | _redder(arr, p.rbc_redness)) if p.rbc_redness > 0 else fg
     for box, a, (row, col) in _red_cells(arr, red & keep.astype(bool), r, p):
         out.append(("rbc", box, a, (float(col), float(row))))
     return out
+
+
+def _fieldnet(p: DetectParams):
+    if p.red_cells not in ("net", "hough"):
+        raise ValueError(f"DetectParams.red_cells must be 'net' or 'hough', not {p.red_cells!r}")
+    if p.red_cells == "hough":
+        return None
+    return load_fieldnet(p.fieldnet)
 
 
 # ------------------------------------------------------------------------------------ tiling
@@ -414,12 +439,19 @@ def _measure_scale(arr: np.ndarray, p: DetectParams) -> tuple[float, float, list
     return r, scale, notes
 
 
+def working_image(image: Image.Image | np.ndarray, params: DetectParams = DEFAULT_PARAMS) -> tuple[np.ndarray, float, float, list[str]]:
+    """(working image, red-cell radius in original pixels, working scale, notes): the photo resized
+    so that a red cell is ``params.work_radius`` pixels across its radius, as the detector sees it."""
+    arr = _as_array(image)
+    r_orig, scale, notes = _measure_scale(arr, params)
+    return _resize(arr, scale), r_orig, scale, notes
+
+
 def detect_cells(image: Image.Image | np.ndarray, params: DetectParams = DEFAULT_PARAMS) -> Detection:
     """Every white cell, red cell and platelet in a field photo, boxes in the photo's pixels."""
     arr = _as_array(image)
     h, w = arr.shape[:2]
-    r_orig, scale, notes = _measure_scale(arr, params)
-    work = _resize(arr, scale)
+    work, r_orig, scale, notes = working_image(arr, params)
     wh, ww = work.shape[:2]
     r = r_orig * scale
     overlap = int(min(params.tile // 2, math.ceil(8 * r)))
@@ -482,6 +514,6 @@ def field_problem(image: Image.Image | np.ndarray) -> str | None:
     return None
 
 
-def with_params(**changes: float) -> DetectParams:
+def with_params(**changes: float | str | None) -> DetectParams:
     """:data:`DEFAULT_PARAMS` with some settings changed (for tuning scripts)."""
     return replace(DEFAULT_PARAMS, **changes)

@@ -8,7 +8,7 @@
 # same grouped validation split, independently of the training loop, and the accuracy is compared
 # with its metrics.json.
 #
-#   usage:  train/bundle.sh [blood-cells|pbc|malaria|verify|all]      (default: all)
+#   usage:  train/bundle.sh [blood-cells|pbc|malaria|detector|verify|all]      (default: all)
 #   env:    DATA      folder holding blood-cells/, pbc/ and malaria/ (default ../shared/data)
 #           WORK      scratch folder for training runs (default /tmp/cellhub-bundle)
 #           THREADS   torch CPU threads (default 2)
@@ -92,6 +92,17 @@ train_malaria() {
     publish "$WORK/smallcnn-malaria" smallcnn-malaria
 }
 
+train_detector() {
+    # the field detector's red-cell network (cellhub/fieldnet.py): 3-fold CV over contiguous blocks
+    # of the eligible BCCD tuning fields chooses the heatmap thresholds out of fold, then the final
+    # fit on all of them; the package ships it as cellhub/assets/fieldnet.safetensors
+    timed fieldnet-cv "$PY" train/train_detector.py --data "$DATA" --cv 3 --epochs 80 --resume \
+        --output-dir "$WORK/fieldnet-cv"
+    timed fieldnet "$PY" train/train_detector.py --data "$DATA" --epochs 80 --resume \
+        --thresholds-from "$WORK/fieldnet-cv/cv.json" --output-dir "$WORK/fieldnet"
+    install -m 644 "$WORK/fieldnet/fieldnet.safetensors" cellhub/assets/fieldnet.safetensors
+}
+
 verify() {
     # Load each bundled checkpoint the way users do, rebuild the training run's grouped
     # validation split (same sources, seed and fraction, read from the checkpoint's recipe;
@@ -145,7 +156,8 @@ case "$what" in
     blood-cells) train_blood ;;
     pbc) train_pbc ;;
     malaria) train_malaria ;;
+    detector) train_detector ;;
     verify) verify ;;
-    all) train_blood; train_pbc; train_malaria; verify ;;
-    *) echo "usage: $0 [blood-cells|pbc|malaria|verify|all]" >&2; exit 2 ;;
+    all) train_blood; train_pbc; train_malaria; train_detector; verify ;;
+    *) echo "usage: $0 [blood-cells|pbc|malaria|detector|verify|all]" >&2; exit 2 ;;
 esac

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from cellhub.cache import default_cache_dir  # noqa: E402
 from cellhub.data.groups import field_of_smears, smear_of_crops  # noqa: E402
-from cellhub.detect import detect_cells  # noqa: E402
+from cellhub.detect import detect_cells, with_params  # noqa: E402
 from cellhub.fields import cell_crops  # noqa: E402
 from cellhub.images import is_image_file, read_image  # noqa: E402
 
@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--per-field", type=int, default=0,
                    help="at most this many red cells per field (a seeded sample; default 0: all of them)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--red-cells", choices=["hough", "net"], default="hough",
+                   help="the detector's red-cell finder (cellhub.detect.DetectParams.red_cells). Default hough: "
+                        "the bundled malaria checkpoint was trained on the 1,397 cells it finds; net: the learned finder")
     args = p.parse_args(argv)
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image as HFImage, Value
 
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
     for fid in tqdm(ids, desc="fields"):
         image = read_image(smear_dir / f"{fid}.jpg")
-        det = detect_cells(image)
+        det = detect_cells(image, with_params(red_cells=args.red_cells))
         rbc = det.of_kind("rbc")
         n = len(rbc) if args.per_field <= 0 else min(args.per_field, len(rbc))
         pick = sorted(rng.sample(range(len(rbc)), n))

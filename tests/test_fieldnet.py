@@ -1,0 +1,117 @@
+"""The learned cell finder (cellhub.fieldnet): targets and decoding agree, weights round-trip, and
+a few training steps on drawn fields teach it to find their red cells."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from cellhub.detect import DEFAULT_PARAMS, box_iou, detect_cells, with_params, working_image
+from cellhub.fieldnet import (KINDS, STRIDE, FieldNet, FieldNetConfig, decode, detection_loss, focal_loss, load_fieldnet,
+                              save_fieldnet, targets, to_input)
+
+RBC = KINDS.index("rbc")
+
+
+def drawn_field(seed: int, size=(400, 300), r=18):
+    """Pink red-cell disks with pale centres at jittered grid points; their boxes."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", size, (226, 222, 214))
+    d = ImageDraw.Draw(img)
+    boxes = []
+    for x in range(40, size[0] - 30, 52):
+        for y in range(40, size[1] - 30, 52):
+            if rng.random() < 0.3:
+                continue
+            cx, cy = x + rng.uniform(-6, 6), y + rng.uniform(-6, 6)
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(205, 135, 140), outline=(185, 115, 120))
+            d.ellipse([cx - 0.4 * r, cy - 0.4 * r, cx + 0.4 * r, cy + 0.4 * r], fill=(220, 165, 168))
+            boxes.append((cx - r, cy - r, cx + r, cy + r))
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 3, (size[1], size[0], 1))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), boxes
+
+
+def test_targets_decode_back_to_their_boxes():
+    r = 16.0
+    boxes = [(RBC, (10.0, 12.0, 42.0, 46.0)), (RBC, (60.0, 20.0, 90.0, 52.0)), (KINDS.index("wbc"), (100.0, 60.0, 150.0, 112.0))]
+    heat, size, offset, mask = targets(boxes, (130, 170), r)
+    assert heat.shape == (len(KINDS), math.ceil(130 / STRIDE), math.ceil(170 / STRIDE)) and mask.sum() == 3
+    logits = torch.logit(torch.from_numpy(heat).clamp(1e-4, 1 - 1e-4))
+    found = decode(logits, torch.from_numpy(size), torch.from_numpy(offset), r, {k: 0.99 for k in KINDS})
+    assert sorted((k, tuple(round(v, 3) for v in b)) for k, b, _ in found) == sorted(
+        (KINDS[k], tuple(round(v, 3) for v in b)) for k, b in boxes)
+
+
+def test_focal_loss_is_low_for_the_right_heatmap_and_high_for_a_wrong_one():
+    heat, *_ = targets([(RBC, (20.0, 20.0, 52.0, 52.0))], (64, 64), 16.0)
+    t = torch.from_numpy(heat)[None]
+    right = torch.logit(t.clamp(1e-3, 1 - 1e-3))
+    assert float(focal_loss(right, t)) < 0.2 * float(focal_loss(torch.zeros_like(t), t))
+
+
+def test_weights_round_trip_and_a_foreign_file_is_refused(tmp_path):
+    torch.manual_seed(0)
+    net = FieldNet(16).eval()
+    cfg = FieldNetConfig(width=16, thresholds={"wbc": 0.3, "rbc": 0.45, "platelet": 0.5}, trained={"fields": 3})
+    path = save_fieldnet(net, cfg, tmp_path / "f.safetensors")
+    net2, cfg2 = load_fieldnet(path)
+    assert cfg2 == cfg
+    x = to_input(np.full((40, 52, 3), 200, np.uint8), cfg)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(net(x), net2(x)))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a cellhub field network"):
+        load_fieldnet(tmp_path / "other.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_fieldnet(tmp_path / "missing.safetensors")
+
+
+def test_a_few_training_steps_learn_to_find_drawn_red_cells(tmp_path):
+    """Trained on 3 drawn fields at the detector's working scale, the network finds the red cells
+    of a fourth, boxes included; then detect_cells uses it (DetectParams.fieldnet) from a file."""
+    torch.manual_seed(0)
+    cfg = FieldNetConfig(width=8, thresholds={"wbc": 1.1, "rbc": 0.3, "platelet": 1.1})
+    data = []
+    for seed in range(4):
+        image, boxes = drawn_field(seed)
+        work, _, scale, _ = working_image(image, DEFAULT_PARAMS)
+        data.append((image, work, [(RBC, tuple(v * scale for v in b)) for b in boxes], boxes))
+    side = max(max(work.shape[:2]) for _, work, _, _ in data[:3])
+    side += (-side) % STRIDE
+    xs, ts = [], []
+    for _, work, boxes, _ in data[:3]:
+        x = to_input(work, cfg)[0]
+        xs.append(torch.nn.functional.pad(x, (0, side - x.shape[2], 0, side - x.shape[1])))
+        ts.append([torch.from_numpy(a) for a in targets(boxes, (side, side), 16.0)])
+    x = torch.stack(xs)
+    heat, size, offset, mask = (torch.stack(a) for a in zip(*ts))
+    net = FieldNet(8)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(80):
+        loss = detection_loss(net, x, heat, size, offset, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], losses[::20]
+    path = save_fieldnet(net.eval(), cfg, tmp_path / "net.safetensors")
+    image, _, _, truth = data[3]
+    det = detect_cells(image, with_params(fieldnet=str(path)))
+    rbc = [c.box for c in det.of_kind("rbc")]
+    assert abs(len(rbc) - len(truth)) <= 0.15 * len(truth), (len(rbc), len(truth))
+    hit = sum(max(box_iou(b, tuple(int(v) for v in t)) for b in rbc) >= 0.5 for t in truth)
+    assert hit >= 0.8 * len(truth), (hit, len(truth))
+    # the Hough circles remain one setting away, and do not use the file
+    assert detect_cells(image, with_params(red_cells="hough", fieldnet=str(tmp_path / "absent"))).of_kind("rbc")
+
+
+def test_red_cells_setting_is_checked():
+    image, _ = drawn_field(0)
+    with pytest.raises(ValueError, match="'net' or 'hough'"):
+        detect_cells(image, with_params(red_cells="circles"))
