@@ -12,8 +12,9 @@ Figures:
 - WBC recall / precision: a found white cell matches an annotated one at IoU >= 0.5 (greedy, best
   IoU first, one-to-one).
 - RBC count: median over fields of |found - annotated| / annotated. The annotators skip most red
-  cells cut by the border and some in clumps; the detector follows them by counting a border-cut
-  cell only when its visible area is large (``DetectParams.rbc_border_min_area``).
+  cells cut by the border and some in clumps; the red-cell network (``cellhub.fieldnet``) learned
+  their habit from the boxes of the tuning fields (the Hough finder, ``--set red_cells=hough``,
+  counts a border-cut cell only when its visible area is large: ``DetectParams.rbc_border_min_area``).
   The error is also given for fields numbered below 170 and from 170 on (``_ids_lt170`` /
   ``_ids_ge170``): on the tuning fields the detector undercounts the crowded early fields (clumps of
   overlapping cells) and overcounts later ones, where annotators boxed fewer of the visible cells

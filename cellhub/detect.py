@@ -1,30 +1,24 @@
 """Finding cells in a photo of a microscope field: white cells, red cells and platelets, with boxes.
 
-Classical image processing only (OpenCV, numpy, scipy); nothing is trained:
+Image processing (OpenCV, numpy, scipy), and a small trained network for red cells:
 
-* **scale** — the red-cell radius is measured first on a thumbnail (the distance transform of the
-  cell mask peaks at one cell radius; the mask also takes pixels redder than the background, so
-  that pale red cells, only rings in the darkness mask, are filled), and the photo is resized so
-  that a red cell is :attr:`DetectParams.work_radius` pixels across its radius. Every size below is a multiple of it,
-  so the same settings work for a 640x480 field, a 4000x3000 photo or a 128x128 crop.
-* **white cells** — the nucleus stains purple: ``blue - red`` is high there and low on red cells
-  and background. The thresholded nucleus mask is cleaned with morphology, the lobes of one
-  nucleus are merged (dilation by a fraction of a red-cell radius), and each large purple group is
-  expanded to the whole cell's box. A small purple group cut by the image border (the sliver of
-  a white cell outside the photo) is not counted.
+* **scale** — the red-cell radius is measured on a thumbnail (the distance transform of the cell
+  mask, pale cells filled by their redness, peaks at one radius) and the photo resized so that it
+  is :attr:`DetectParams.work_radius` pixels. Every size below is a multiple of it, so the same
+  settings work for a 640x480 field, a 4000x3000 photo or a 128x128 crop.
+* **white cells** — the nucleus stains purple (``blue - red`` high): the thresholded mask is
+  cleaned, the lobes of one nucleus merged, and each large purple group expanded to the cell's box.
+  A small purple group cut by the border (a sliver of a cell outside the photo) is not counted.
 * **platelets** — small purple blobs away from white cells and not inside a red cell (a purple dot
   inside a red cell is a parasite or a stain speck, part of that red cell).
-* **red cells** — by default the learned finder of :mod:`cellhub.fieldnet`: a small network
-  trained on annotated BCCD fields predicts red-cell centres and boxes on the working image (it
-  learned which clumped and border-cut cells annotators box); centres inside a white cell are
-  dropped. ``DetectParams(red_cells="hough")``, or a missing weights file, gives the classical
-  finder: circles of about one red-cell radius (Hough transform of the green channel)
-  whose disk is mostly red-cell mask (the cell mask, or redder than the background, holes filled;
-  white cells cut out): touching and overlapping cells each give their own circle. A cell cut by
-  the image border is counted only when much of it is visible, as the BCCD annotators do.
-* **tiles** — a working image larger than :attr:`DetectParams.tile` pixels a side is processed in
-  overlapping tiles; a cell is kept only by the tile whose core (the tile minus half the overlap on
-  every inner side) holds its centre, so a cell where tiles meet is counted once.
+* **red cells** — :mod:`cellhub.fieldnet`'s network, trained on annotated BCCD fields, predicts
+  their centres and boxes on the working image (it learned which clumped and border-cut cells
+  annotators box); centres inside a white cell are dropped. With ``red_cells="hough"`` or without
+  the weights file: Hough circles of about one radius whose disk is mostly red-cell mask (touching
+  cells each give a circle; a border-cut cell counts when mostly visible).
+* **tiles** — a working image over :attr:`DetectParams.tile` pixels a side is processed in
+  overlapping tiles; a cell is kept by the tile whose core holds its centre (and of two claims on
+  a cell centred on a seam, one is kept), so a cell where tiles meet is counted once.
 
 Boxes are ``(x0, y0, x1, y1)`` in the original image's pixels (x1, y1 exclusive).
 """
@@ -105,16 +99,12 @@ class DetectParams:
     rbc_redness: float = 12.0
     #: smallest red-cell region counted (in r^2)
     rbc_min_area: float = 0.6
-    #: a red cell cut by the image border is counted when its visible area is at least this (in r^2,
-    #: about three quarters of a whole cell). On the BCCD tuning fields 27% of the boxed red cells
-    #: touch the border, 95% of those with at least half of a whole cell's box visible, but many
-    #: border cells are not boxed at all: this threshold matched the annotators' counts best
+    #: a red cell cut by the border counts from this visible area (in r^2, ~3/4 of a cell): the BCCD
+    #: annotators boxed few border cells, and this matched their counts best on the tuning fields
     rbc_border_min_area: float = 2.8
-    #: how red cells are found: ``"net"`` -- the learned centre-heatmap network of
-    #: :mod:`cellhub.fieldnet`, trained on annotated BCCD fields (``train/train_detector.py``; the
-    #: classical finder below when its weights are absent); ``"hough"`` -- the circles above
+    #: red cells by ``"net"`` (:mod:`cellhub.fieldnet`, ``train/train_detector.py``; Hough when its weights
+    #: are absent) or ``"hough"`` (the circles above); ``fieldnet``: a weights file (None: the bundled one)
     red_cells: str = "net"
-    #: the field network's weights (None: the bundled ``cellhub/assets/fieldnet.safetensors``)
     fieldnet: str | None = None
 
 
@@ -393,9 +383,7 @@ def _detect_tile(arr: np.ndarray, r: float, p: DetectParams) -> list[tuple[str, 
 def _fieldnet(p: DetectParams):
     if p.red_cells not in ("net", "hough"):
         raise ValueError(f"DetectParams.red_cells must be 'net' or 'hough', not {p.red_cells!r}")
-    if p.red_cells == "hough":
-        return None
-    return load_fieldnet(p.fieldnet)
+    return load_fieldnet(p.fieldnet) if p.red_cells == "net" else None
 
 
 # ------------------------------------------------------------------------------------ tiling
@@ -415,16 +403,12 @@ def _tiles(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, in
     return out
 
 
-def _radius(arr: np.ndarray, p: DetectParams) -> float | None:
-    return estimate_radius(arr, p)
-
-
 def _measure_scale(arr: np.ndarray, p: DetectParams) -> tuple[float, float, list[str]]:
     """(red-cell radius in original pixels, working scale, notes)."""
     h, w = arr.shape[:2]
     notes: list[str] = []
     t = min(2.0, p.thumb_side / max(h, w))
-    r_thumb = _radius(_resize(arr, t), p)
+    r_thumb = estimate_radius(_resize(arr, t), p)
     if r_thumb is None or r_thumb < 1.5:
         r = max(h, w) / 16.0
         notes.append("too few cells to measure the scale; assumed a red-cell radius of 1/16 of the image")
@@ -432,7 +416,7 @@ def _measure_scale(arr: np.ndarray, p: DetectParams) -> tuple[float, float, list
         r = r_thumb / t
         if t < 1 and r_thumb < 8:  # the thumbnail was too coarse: measure again finer
             t2 = min(1.0, t * 16.0 / r_thumb)
-            r2 = _radius(_resize(arr, t2), p)
+            r2 = estimate_radius(_resize(arr, t2), p)
             if r2 is not None:
                 r = r2 / t2
     scale = min(2.0, p.work_radius / r)
@@ -457,19 +441,35 @@ def detect_cells(image: Image.Image | np.ndarray, params: DetectParams = DEFAULT
     overlap = int(min(params.tile // 2, math.ceil(8 * r)))
     ys, xs = _tiles(wh, params.tile, overlap), _tiles(ww, params.tile, overlap)
     cells: list[Cell] = []
-    for y0, y1, cy0, cy1 in ys:
-        for x0, x1, cx0, cx1 in xs:
-            for kind, box, area, (ax, ay) in _detect_tile(work[y0:y1, x0:x1], r, params):
-                if not (cx0 <= ax + x0 < cx1 and cy0 <= ay + y0 < cy1):
-                    continue  # another tile owns this cell
-                ob = (
-                    max(0, int((box[0] + x0) / scale)), max(0, int((box[1] + y0) / scale)),
-                    min(w, int(math.ceil((box[2] + x0) / scale))), min(h, int(math.ceil((box[3] + y0) / scale))),
-                )
-                cells.append(Cell(kind, ob, area / scale**2))  # type: ignore[arg-type]
+    owner: list[int] = []
+    for tile, (y0, y1, cy0, cy1, x0, x1, cx0, cx1) in enumerate((*a, *b) for a in ys for b in xs):
+        for kind, box, area, (ax, ay) in _detect_tile(work[y0:y1, x0:x1], r, params):
+            if not (cx0 <= ax + x0 < cx1 and cy0 <= ay + y0 < cy1):
+                continue  # another tile owns this cell
+            ob = (
+                max(0, int((box[0] + x0) / scale)), max(0, int((box[1] + y0) / scale)),
+                min(w, int(math.ceil((box[2] + x0) / scale))), min(h, int(math.ceil((box[3] + y0) / scale))),
+            )
+            cells.append(Cell(kind, ob, area / scale**2))  # type: ignore[arg-type]
+            owner.append(tile)
+    if len(cells) > 1 and len(ys) * len(xs) > 1:
+        cells = _drop_seam_duplicates(cells, owner)
     order = {"wbc": 0, "rbc": 1, "platelet": 2}
     cells.sort(key=lambda c: (order[c.kind], c.box[1], c.box[0]))
     return Detection(cells, w, h, r_orig, scale, len(ys) * len(xs), notes)
+
+
+def _drop_seam_duplicates(cells: list[Cell], owner: list[int]) -> list[Cell]:
+    """A cell centred on a seam between tile cores can be claimed from both sides (each view puts
+    its centre a pixel off): of two cells of one kind from different tiles at IoU > 0.5, keep one."""
+    centres = np.array([((c.box[0] + c.box[2]) / 2, (c.box[1] + c.box[3]) / 2) for c in cells])
+    reach = max(max(c.box[2] - c.box[0], c.box[3] - c.box[1]) for c in cells) / 2
+    drop: set[int] = set()
+    for i, j in sorted(cKDTree(centres).query_pairs(reach)):
+        if (i not in drop and owner[i] != owner[j] and cells[i].kind == cells[j].kind
+                and box_iou(cells[i].box, cells[j].box) > 0.5):
+            drop.add(j)
+    return [c for k, c in enumerate(cells) if k not in drop]
 
 
 def white_cell_centre(image: Image.Image | np.ndarray, *, min_contrast: float = 20.0) -> tuple[float, float] | None:

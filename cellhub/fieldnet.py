@@ -158,17 +158,32 @@ def to_input(arr: np.ndarray, cfg: FieldNetConfig) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def find_cells(net: FieldNet, cfg: FieldNetConfig, arr: np.ndarray, r: float
+def find_cells(net: FieldNet, cfg: FieldNetConfig, arr: np.ndarray, r: float, nms_iou: float = 0.5
                ) -> list[tuple[str, tuple[float, float, float, float], float]]:
-    """Cells in one uint8 RGB working image (red-cell radius ``r`` px): (kind, box, score), boxes in its pixels."""
+    """Cells in one uint8 RGB working image (red-cell radius ``r`` px): (kind, box, score), boxes in
+    its pixels, best first; of two peaks of one kind whose boxes overlap by IoU > ``nms_iou`` the
+    lower is dropped."""
     heat, size, offset = net(to_input(arr, cfg))
     h, w = arr.shape[:2]
-    out = []
-    for kind, (x0, y0, x1, y1), s in decode(heat[0], size[0], offset[0], r, cfg.thresholds):
+    out: list[tuple[str, tuple[float, float, float, float], float]] = []
+    found = sorted(decode(heat[0], size[0], offset[0], r, cfg.thresholds), key=lambda c: -c[2])
+    for kind, (x0, y0, x1, y1), s in found:
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        if 0 <= cx < w and 0 <= cy < h:  # a peak in the padding is not a cell
-            out.append((kind, (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)), s))
+        if not (0 <= cx < w and 0 <= cy < h):
+            continue  # a peak in the padding is not a cell
+        box = (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))
+        if any(k == kind and _iou(box, b) > nms_iou for k, b, _ in out):
+            continue  # a second peak on a cell already found (a higher one)
+        out.append((kind, box, s))
     return out
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def net_red_cells(net: FieldNet, cfg: FieldNetConfig, arr: np.ndarray, keep: np.ndarray, r: float

@@ -266,8 +266,8 @@ def _single_cell_problem(det: Detection, arr: np.ndarray) -> str | None:
     """Why this image looks like one cell's crop rather than a field, or None."""
     h, w = det.height, det.width
     black = float((arr.max(axis=2) < 20).mean())
-    if black > 0.15 and len(det.cells) <= 2 and any(
-            (c.box[2] - c.box[0]) * (c.box[3] - c.box[1]) > 0.25 * w * h for c in det.cells):
+    if black > 0.15 and len(det.cells) <= 2 and (not det.cells or any(
+            (c.box[2] - c.box[0]) * (c.box[3] - c.box[1]) > 0.25 * w * h for c in det.cells)):
         return "it looks like a single red-cell crop (one cell on a black background)"
     wbc = det.of_kind("wbc")
     if len(wbc) == 1:

@@ -120,13 +120,16 @@ def fit(train: list[dict], cfg: FieldNetConfig, epochs: int, ckpt: Path | None, 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
-    start = 0
+    start, t0 = 0, time.time()
+    fit.elapsed = 0.0
     if resume and ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         net.load_state_dict(state["net"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         start = int(state["epoch"])
+        fit.elapsed = float(state.get("elapsed", 0.0))
         rng.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["rng"]))
         print(f"resumed {ckpt} at epoch {start}")
+    elapsed0 = fit.elapsed
     bar = tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs)
     for epoch in bar:
         net.train()
@@ -145,7 +148,9 @@ def fit(train: list[dict], cfg: FieldNetConfig, epochs: int, ckpt: Path | None, 
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             st = rng.getstate()
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1,
+                        "elapsed": elapsed0 + time.time() - t0,
                         "rng": [st[0], list(st[1]), st[2]]}, ckpt)
+    fit.elapsed = elapsed0 + time.time() - t0  # training seconds, over resumed runs too
     return net.eval()
 
 
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.thresholds_from:
         cfg.thresholds = json.loads(args.thresholds_from.read_text())["thresholds"]
     net = fit(fields, cfg, args.epochs, out / "final.ckpt", args.seed, args.batch_size, args.lr, args.resume)
-    cfg.trained = {**recipe, "fields": len(fields), "wall_s": round(time.time() - t0, 1),
+    cfg.trained = {**recipe, "fields": len(fields), "train_s": round(fit.elapsed, 1),
                    "data": "BCCD tuning fields (bench/field_accuracy.py split) whose white cell is a Kaggle TRAIN cell"}
     if args.thresholds_from:
         cv = json.loads(args.thresholds_from.read_text())
