@@ -121,7 +121,8 @@ def run(args) -> list[C.Result]:
 
         direct()
         direct_t = C.interleaved({"direct": direct}, rounds=max(5, n_req // 2), warmup=1)["direct"]
-        del predictors, task_preds
+        del predictors
+        task_preds = []  # free the models before the app loads its own (direct() is not called again)
 
         port = free_port()
         url = f"http://127.0.0.1:{port}/"
