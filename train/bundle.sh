@@ -82,8 +82,9 @@ train_pbc() {
 train_malaria() {
     # malaria: 7,250 cells from 45 slides/patients (5 folds of 9 patients), plus another lab's
     # malaria-free red cells as "uninfected": every red cell of the BCCD tuning fields whose white
-    # cell is a Kaggle TRAIN cell (train/rbc_negatives.py; 1,397 cells of 142 fields, grouped by
-    # field), which teaches the model that a platelet lying on a red cell is not a ring form
+    # cell is a Kaggle TRAIN cell, as whole-field analysis finds them (train/rbc_negatives.py, the
+    # red-cell network: 1,497 cells of 142 fields, grouped by field), which teaches the model that a
+    # platelet lying on a red cell is not a ring form
     "$PY" train/rbc_negatives.py --data "$DATA" --output-dir "$WORK/bccd-rbc-negatives"
     timed smallcnn-malaria "$PY" train/finetune.py --task malaria --dataset "$DATA/malaria" \
         --dataset "$WORK/bccd-rbc-negatives" "${COMMON[@]}" \

@@ -70,9 +70,10 @@ def main(argv=None) -> int:
     p.add_argument("--per-field", type=int, default=0,
                    help="at most this many red cells per field (a seeded sample; default 0: all of them)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--red-cells", choices=["hough", "net"], default="hough",
-                   help="the detector's red-cell finder (cellhub.detect.DetectParams.red_cells). Default hough: "
-                        "the bundled malaria checkpoint was trained on the 1,397 cells it finds; net: the learned finder")
+    p.add_argument("--red-cells", choices=["net", "hough"], default="net",
+                   help="the detector's red-cell finder (cellhub.detect.DetectParams.red_cells): net (default; the "
+                        "bundled malaria checkpoint was trained on the 1,497 cells it finds) or hough (the previous "
+                        "finder: 1,397 cells)")
     args = p.parse_args(argv)
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image as HFImage, Value
 
