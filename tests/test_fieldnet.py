@@ -128,3 +128,41 @@ def test_the_bundled_network_is_the_default_red_cell_finder():
     net = len(detect_cells(image).of_kind("rbc"))
     hough = len(detect_cells(image, with_params(red_cells="hough")).of_kind("rbc"))
     assert hough < net <= 640 * 480 // 2200, (hough, net)
+
+
+def _voc(boxes) -> str:
+    objs = "".join(f"<object><name>RBC</name><bndbox><xmin>{b[0]:.0f}</xmin><ymin>{b[1]:.0f}</ymin>"
+                   f"<xmax>{b[2]:.0f}</xmax><ymax>{b[3]:.0f}</ymax></bndbox></object>" for b in boxes)
+    return f"<annotation>{objs}</annotation>"
+
+
+def test_train_detector_cross_validates_then_writes_a_loadable_network(tmp_path):
+    """train/train_detector.py on drawn fields laid out like the BCCD download: --cv writes the
+    out-of-fold scores and the chosen thresholds; the final fit takes them into the saved file."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_detector", root / "train" / "train_detector.py")
+    td = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(td)
+    ann = tmp_path / "data" / "bccd-boxes" / "Annotations"
+    jpeg = tmp_path / "data" / "blood-cells" / "dataset-master" / "dataset-master" / "JPEGImages"
+    ann.mkdir(parents=True), jpeg.mkdir(parents=True)
+    ids = [f"BloodImage_{k:05d}" for k in range(4)]
+    for k, fid in enumerate(ids):
+        image, boxes = drawn_field(k)
+        image.save(jpeg / f"{fid}.jpg", quality=95)
+        (ann / f"{fid}.xml").write_text(_voc(boxes))
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    common = ["--data", str(tmp_path / "data"), "--fields-json", str(tmp_path / "ids.json"), "--epochs", "2",
+              "--width", "8", "--batch-size", "2"]
+    assert td.main([*common, "--cv", "2", "--output-dir", str(tmp_path / "cv")]) == 0
+    cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert len(cv["folds"]) == 2 and cv["oof"]["rbc_true"] == sum(len(drawn_field(k)[1]) for k in range(4))
+    assert set(cv["thresholds"]) == set(KINDS)
+    assert td.main([*common, "--thresholds-from", str(tmp_path / "cv" / "cv.json"), "--output-dir", str(tmp_path / "final")]) == 0
+    net, cfg = load_fieldnet(tmp_path / "final" / "fieldnet.safetensors")
+    assert cfg.width == 8 and cfg.thresholds == cv["thresholds"] and cfg.trained["fields"] == 4
+    assert cfg.trained["cv"]["folds"] == 2 and cfg.trained["train_s"] > 0

@@ -22,6 +22,7 @@ final fit (no ``--cv``) takes them with ``--thresholds-from``. Checkpoints every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -42,13 +43,13 @@ from cellhub.detect import DEFAULT_PARAMS, working_image  # noqa: E402
 from cellhub.fieldnet import (KINDS, STRIDE, FieldNet, FieldNetConfig, detection_loss, find_cells,  # noqa: E402
                               save_fieldnet, targets)
 from cellhub.images import read_image  # noqa: E402
+from field_accuracy import match, read_boxes  # noqa: E402
 
 GRID = [round(0.05 * k, 2) for k in range(2, 19)]  # 0.10 .. 0.90
 
 
 def load_fields(data: Path, ids: list[str]) -> list[dict]:
     """Each field at working scale: image (uint8), r, scale, boxes per kind (working and original px)."""
-    from field_accuracy import read_boxes
     from tqdm.auto import tqdm
 
     ann = data / "bccd-boxes" / "Annotations"
@@ -111,7 +112,8 @@ def batch(fields: list[dict], cfg: FieldNetConfig, rng: random.Random, aug: bool
 
 
 def fit(train: list[dict], cfg: FieldNetConfig, epochs: int, ckpt: Path | None, seed: int, batch_size: int = 8,
-        lr: float = 2e-3, resume: bool = False) -> FieldNet:
+        lr: float = 2e-3, resume: bool = False) -> tuple[FieldNet, float]:
+    """The trained network and its training seconds (over resumed runs too)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -120,16 +122,14 @@ def fit(train: list[dict], cfg: FieldNetConfig, epochs: int, ckpt: Path | None, 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
-    start, t0 = 0, time.time()
-    fit.elapsed = 0.0
+    start, t0, before = 0, time.time(), 0.0
     if resume and ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         net.load_state_dict(state["net"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         start = int(state["epoch"])
-        fit.elapsed = float(state.get("elapsed", 0.0))
+        before = float(state.get("elapsed", 0.0))
         rng.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["rng"]))
         print(f"resumed {ckpt} at epoch {start}")
-    elapsed0 = fit.elapsed
     bar = tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs)
     for epoch in bar:
         net.train()
@@ -142,28 +142,21 @@ def fit(train: list[dict], cfg: FieldNetConfig, epochs: int, ckpt: Path | None, 
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += loss.item()
         bar.set_postfix(loss=f"{total / steps_per_epoch:.3f}")
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             st = rng.getstate()
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1,
-                        "elapsed": elapsed0 + time.time() - t0,
+                        "elapsed": before + time.time() - t0,
                         "rng": [st[0], list(st[1]), st[2]]}, ckpt)
-    fit.elapsed = elapsed0 + time.time() - t0  # training seconds, over resumed runs too
-    return net.eval()
+    return net.eval(), before + time.time() - t0
 
 
 # -------------------------------------------------------------------------------- scoring
-def _match(found: list, truth: list, thr: float = 0.5) -> int:
-    from field_accuracy import match
-
-    return match(found, truth, thr)
-
-
 def raw_predictions(net: FieldNet, cfg: FieldNetConfig, fields: list[dict]) -> list[list]:
     """Per field, every peak at the lowest threshold of the grid: (kind, box in original px, score)."""
-    low = FieldNetConfig(**{**cfg.__dict__, "thresholds": {k: min(GRID) for k in KINDS}})
+    low = dataclasses.replace(cfg, thresholds={k: min(GRID) for k in KINDS})
     out = []
     for f in fields:
         cells = find_cells(net, low, f["work"], f["r"])
@@ -179,7 +172,7 @@ def score(fields: list[dict], preds: list[list], thresholds: dict[str, float]) -
         for f, p in zip(fields, preds):
             found = [b for k, b, s in p if k == kind and s >= thresholds[kind]]
             truth = f["truth"][kind]
-            tp += _match(found, truth)
+            tp += match(found, truth)
             nf, nt = nf + len(found), nt + len(truth)
             if truth:
                 rel.append(abs(len(found) - len(truth)) / len(truth))
@@ -244,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, idx in enumerate(blocks):
             held = set(idx.tolist())
             train = [f for i, f in enumerate(fields) if i not in held]
-            net = fit(train, cfg, args.epochs, out / f"fold{k}.ckpt", args.seed + k, args.batch_size, args.lr, args.resume)
+            net, _ = fit(train, cfg, args.epochs, out / f"fold{k}.ckpt", args.seed + k, args.batch_size, args.lr, args.resume)
             preds = raw_predictions(net, cfg, [fields[i] for i in idx])
             for i, p in zip(idx, preds):
                 oof[i] = p
@@ -261,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.thresholds_from:
         cfg.thresholds = json.loads(args.thresholds_from.read_text())["thresholds"]
-    net = fit(fields, cfg, args.epochs, out / "final.ckpt", args.seed, args.batch_size, args.lr, args.resume)
-    cfg.trained = {**recipe, "fields": len(fields), "train_s": round(fit.elapsed, 1),
+    net, train_s = fit(fields, cfg, args.epochs, out / "final.ckpt", args.seed, args.batch_size, args.lr, args.resume)
+    cfg.trained = {**recipe, "fields": len(fields), "train_s": round(train_s, 1),
                    "data": "BCCD tuning fields (bench/field_accuracy.py split) whose white cell is a Kaggle TRAIN cell"}
     if args.thresholds_from:
         cv = json.loads(args.thresholds_from.read_text())
