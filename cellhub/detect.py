@@ -346,7 +346,7 @@ def _red_cells(arr: np.ndarray, fg: np.ndarray, r: float, p: DetectParams) -> li
     return out
 
 
-def _detect_tile(arr: np.ndarray, r: float, p: DetectParams) -> list[tuple[str, Box, float, tuple[float, float]]]:
+def _detect_tile(arr: np.ndarray, r: float, p: DetectParams, net) -> list[tuple[str, Box, float, tuple[float, float]]]:
     """(kind, box, area, anchor (x, y)) in the tile's pixels; the anchor decides the owning tile."""
     h, w = arr.shape[:2]
     wbc_n, small = _purple_groups(arr, r, p)
@@ -369,9 +369,8 @@ def _detect_tile(arr: np.ndarray, r: float, p: DetectParams) -> list[tuple[str, 
         pad = 1
         pbox = (max(0, box[0] - pad), max(0, box[1] - pad), min(w, box[2] + pad), min(h, box[3] + pad))
         out.append(("platelet", pbox, a, (cx, cy)))
-    loaded = _fieldnet(p)
-    if loaded is not None:
-        for box, a, (row, col) in net_red_cells(*loaded, arr, keep.astype(bool), r):
+    if net is not None:  # (FieldNet, FieldNetConfig), resolved once per photo by _fieldnet
+        for box, a, (row, col) in net_red_cells(*net, arr, keep.astype(bool), r):
             out.append(("rbc", box, a, (float(col), float(row))))
         return out
     red = ndi.binary_fill_holes(fg | _redder(arr, p.rbc_redness)) if p.rbc_redness > 0 else fg
@@ -435,6 +434,7 @@ def detect_cells(image: Image.Image | np.ndarray, params: DetectParams = DEFAULT
     """Every white cell, red cell and platelet in a field photo, boxes in the photo's pixels."""
     arr = _as_array(image)
     h, w = arr.shape[:2]
+    net = _fieldnet(params)
     work, r_orig, scale, notes = working_image(arr, params)
     wh, ww = work.shape[:2]
     r = r_orig * scale
@@ -443,7 +443,7 @@ def detect_cells(image: Image.Image | np.ndarray, params: DetectParams = DEFAULT
     cells: list[Cell] = []
     owner: list[int] = []
     for tile, (y0, y1, cy0, cy1, x0, x1, cx0, cx1) in enumerate((*a, *b) for a in ys for b in xs):
-        for kind, box, area, (ax, ay) in _detect_tile(work[y0:y1, x0:x1], r, params):
+        for kind, box, area, (ax, ay) in _detect_tile(work[y0:y1, x0:x1], r, params, net):
             if not (cx0 <= ax + x0 < cx1 and cy0 <= ay + y0 < cy1):
                 continue  # another tile owns this cell
             ob = (
