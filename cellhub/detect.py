@@ -35,7 +35,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from cellhub.fieldnet import load_fieldnet, net_red_cells
+from cellhub.fieldnet import box_iou, load_fieldnet, net_red_cells
 
 __all__ = ["Cell", "Detection", "DetectParams", "DEFAULT_PARAMS", "detect_cells", "box_iou", "field_problem",
            "estimate_radius", "white_cell_centre", "working_image"]
@@ -140,17 +140,6 @@ class Detection:
 
     def counts(self) -> dict[str, int]:
         return {k: len(self.of_kind(k)) for k in ("wbc", "rbc", "platelet")}
-
-
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------ channels

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KINDS", "STRIDE", "FieldNet", "FieldNetConfig", "targets", "focal_loss", "detection_loss", "decode", "find_cells", "to_input", "net_red_cells",
+__all__ = ["KINDS", "box_iou", "STRIDE", "FieldNet", "FieldNetConfig", "targets", "focal_loss", "detection_loss", "decode", "find_cells", "to_input", "net_red_cells",
            "load_fieldnet", "save_fieldnet", "BUNDLED_FIELDNET"]
 
 logger = logging.getLogger(__name__)
@@ -172,18 +172,20 @@ def find_cells(net: FieldNet, cfg: FieldNetConfig, arr: np.ndarray, r: float, nm
         if not (0 <= cx < w and 0 <= cy < h):
             continue  # a peak in the padding is not a cell
         box = (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))
-        if any(k == kind and _iou(box, b) > nms_iou for k, b, _ in out):
+        if any(k == kind and box_iou(box, b) > nms_iou for k, b, _ in out):
             continue  # a second peak on a cell already found (a higher one)
         out.append((kind, box, s))
     return out
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes (0 for empty ones)."""
     iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
     if iw <= 0 or ih <= 0:
         return 0.0
     inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def net_red_cells(net: FieldNet, cfg: FieldNetConfig, arr: np.ndarray, keep: np.ndarray, r: float
