@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -36,3 +39,50 @@ def test_run_py_runs_one_benchmark_and_prints_the_line(tmp_path: Path) -> None:
     assert float(lines[0][0]) >= 0.999  # the exact CAM matches pytorch-grad-cam's
     text = md.read_text()
     assert "`python bench/run.py --quick --only cam" in text and "smoke test" in text and "cam: ratio=" in text
+
+
+def _fake_cv_run(root: Path, correct: list[list[bool]], groups: list[list[str]]) -> Path:
+    """A --cv output folder whose fold I holds images with these groups, right where ``correct`` says."""
+    from cellhub.training.cv import fold_dir
+    from cellhub.training.state import save_holdout
+
+    for i, (ok, g) in enumerate(zip(correct, groups)):
+        y = np.array([k % 2 for k in range(len(ok))])
+        p = np.eye(2)[np.where(ok, y, 1 - y)] * 0.8 + 0.1
+        save_holdout(fold_dir(root, i), p, y, g)
+    return root
+
+
+def test_cv_compare_pairs_the_folds_and_refuses_different_splits(tmp_path: Path) -> None:
+    import cv_compare
+
+    groups = [[f"malaria|P{k // 3}" for k in range(12)] + ["other|F1"] * 2, [f"malaria|Q{k // 3}" for k in range(12)]]
+    a_ok = [[True] * 6 + [False] * 6 + [True, True], [True] * 12]
+    b_ok = [[True] * 9 + [False] * 3 + [False, False], [True] * 11 + [False]]
+    a = _fake_cv_run(tmp_path / "a", a_ok, groups)
+    b = _fake_cv_run(tmp_path / "b", b_ok, groups)
+    r = cv_compare.compare(a, b, source="malaria", n_boot=500)
+    assert [f["n"] for f in r["folds"]] == [12, 12]
+    assert r["folds"][0]["a"] == 0.5 and r["folds"][0]["b"] == 0.75
+    assert r["a"] == 18 / 24 and r["b"] == 20 / 24 and r["n_groups"] == 8
+    lo, hi = r["ci95"]
+    assert lo <= r["b_minus_a"] <= hi and hi > lo
+    both = cv_compare.compare(a, b, n_boot=100)  # all sources: the two "other" images count too
+    assert both["n_images"] == 26 and both["b"] == 20 / 26
+    c = _fake_cv_run(tmp_path / "c", a_ok, [groups[0], [f"malaria|R{k}" for k in range(12)]])
+    with pytest.raises(SystemExit, match="held out different images"):
+        cv_compare.compare(a, c)
+    with pytest.raises(SystemExit, match="not a --cv run"):
+        cv_compare.compare(a, tmp_path / "missing")
+
+
+def test_cv_tta_views_are_the_eight_symmetries_of_the_square() -> None:
+    import torch
+    from cv_tta import views
+
+    x = torch.arange(9.0).reshape(1, 1, 3, 3)
+    vs = views(x)
+    assert len(vs) == 8 and torch.equal(vs[0], x)
+    assert len({tuple(v.flatten().tolist()) for v in vs}) == 8  # all distinct
+    assert all(torch.equal(v.flip(-1).flip(-1), v) for v in vs)
+    assert any(torch.equal(v, torch.rot90(x, 1, (-2, -1))) for v in vs)  # a rotation is among them
