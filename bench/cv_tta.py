@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cv_compare import paired_bootstrap  # noqa: E402
+from cv_compare import paired_difference  # noqa: E402
 
 from cellhub.hub import load_pretrained  # noqa: E402
 from cellhub.images import read_image  # noqa: E402
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     plain = np.concatenate(correct["plain"])
     for v in VIEWS[1:]:
         other = np.concatenate(correct[v])
-        lo, hi = np.quantile(paired_bootstrap(plain, other, g, args.n_boot), [0.025, 0.975])
+        diff, (lo, hi) = paired_difference(plain, other, g, args.n_boot)
         print(f"pooled: plain {plain.mean():.4f}, {v} {other.mean():.4f}; {v} - plain = "
-              f"{100 * (other.mean() - plain.mean()):+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+              f"{100 * diff:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}] "
               f"(paired bootstrap over {len(set(groups))} patients, {len(g)} cells)")
     return 0
 
