@@ -21,13 +21,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cv_compare import paired_difference  # noqa: E402
+from cv_compare import load_run, paired_difference  # noqa: E402
 
 from cellhub.hub import load_pretrained  # noqa: E402
 from cellhub.images import read_image  # noqa: E402
 from cellhub.tasks import malaria_group  # noqa: E402
 from cellhub.training.cv import fold_dir  # noqa: E402
-from cellhub.training.state import load_holdout  # noqa: E402
 from cellhub.transforms import eval_transform, resolve_data_config  # noqa: E402
 
 VIEWS = ("plain", "flips4", "dihedral8")
@@ -68,12 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no NIH malaria cells (Parasitized/ or Uninfected/ *.png) under {args.data}")
     correct = {v: [] for v in VIEWS}
     groups: list[str] = []
-    i = 0
-    while fold_dir(args.run, i).is_dir():
-        held = load_holdout(fold_dir(args.run, i))
-        if held is None:
-            raise SystemExit(f"{fold_dir(args.run, i)} has no holdout.npz: unfinished fold.")
-        patients = {g.split("|", 1)[1] for g in held[2] if g.split("|", 1)[0] == "malaria"}
+    for i, (_, _, held_groups) in enumerate(load_run(args.run, "malaria")):
+        patients = {str(g).split("|", 1)[1] for g in held_groups}
         sel = [p for p in files if malaria_group(p.name) in patients]
         c = fold_predictions(fold_dir(args.run, i), sel)
         print(f"fold {i + 1}: {len(sel)} cells / {len(patients)} patients  "
@@ -81,9 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         for v in VIEWS:
             correct[v].append(c[v])
         groups += [malaria_group(p.name) for p in sel]
-        i += 1
     if not groups:
-        raise SystemExit(f"{args.run} holds no cv/fold-1 with NIH cells: not a malaria --cv run folder.")
+        raise SystemExit(f"none of the held-out patients of {args.run} has a cell under {args.data}")
     g = np.array(groups)
     plain = np.concatenate(correct["plain"])
     for v in VIEWS[1:]:
