@@ -129,6 +129,9 @@ from cellhub.training.pipeline import prepare_splits
 root, work, only = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 SOURCES = {"blood-cells": [root / "blood-cells", root / "pbc"], "pbc": [root / "pbc"],
            "malaria": [root / "malaria", work / "bccd-rbc-negatives"]}  # the second: train/rbc_negatives.py
+names = sorted(c.name for c in Path("checkpoints").iterdir() if (c / "model.safetensors").exists())
+if only and only not in names:
+    sys.exit(f"verify: no checkpoint checkpoints/{only}; the bundled ones are {', '.join(names)}")
 for ckpt in sorted(Path("checkpoints").iterdir()):
     if not (ckpt / "model.safetensors").exists() or (only and ckpt.name != only):
         continue
