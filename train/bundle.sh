@@ -132,9 +132,7 @@ SOURCES = {"blood-cells": [root / "blood-cells", root / "pbc"], "pbc": [root / "
 names = sorted(c.name for c in Path("checkpoints").iterdir() if (c / "model.safetensors").exists())
 if only and only not in names:
     sys.exit(f"verify: no checkpoint checkpoints/{only}; the bundled ones are {', '.join(names)}")
-for ckpt in sorted(Path("checkpoints").iterdir()):
-    if not (ckpt / "model.safetensors").exists() or (only and ckpt.name != only):
-        continue
+for ckpt in (Path("checkpoints") / name for name in ([only] if only else names)):
     model = cellhub.load_pretrained(str(ckpt))
     cc = model.cellhub_config
     recipe = cc["recipe"]
