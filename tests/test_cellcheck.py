@@ -27,6 +27,15 @@ def _text_page() -> Image.Image:
     return page
 
 
+def _tinted_text_page() -> Image.Image:
+    """Text on cream paper: tinted enough to pass the stain-colour floor, but a white page."""
+    page = Image.new("RGB", (240, 160), (248, 244, 236))
+    draw = ImageDraw.Draw(page)
+    for line in range(8):
+        draw.text((8, 8 + 18 * line), "Lorem ipsum dolor sit amet", fill=(25, 25, 25))
+    return page
+
+
 def _photo() -> Image.Image:
     """A colourful outdoor-like picture: green below, blue above, an orange disc."""
     yy, xx = np.mgrid[:120, :160]
@@ -55,7 +64,7 @@ def test_stained_cells_pass(image):
 
 
 @pytest.mark.parametrize("make, reason", [(_text_page, "no stain colour"), (_photo, "not those of a stained blood smear"),
-                                          (_empty_field, "nearly uniform"),
+                                          (_empty_field, "nearly uniform"), (_tinted_text_page, "blank white page"),
                                           (lambda: Image.new("RGB", (50, 50)), "all black")])
 def test_non_cells_are_flagged_with_the_reason(make, reason):
     verdict = check_cell_image(make())
@@ -97,3 +106,12 @@ def test_app_says_not_a_blood_cell_and_classifies_nothing(checkpoint, tmp_path):
     assert md.startswith("### Not a blood-cell image") and "no stain colour" in md
     assert summary["not_a_blood_cell"] is True and summary["models"] == [] and summary["consensus"] is None
     assert all(s is None for s in slots)
+
+
+def test_a_pale_smear_background_is_not_a_white_page():
+    """A real cell crop whose background is pale (PBC's brightest reach a third of white pixels) passes."""
+    cell = np.asarray(draw_blood_cell("lymphocyte", size=(96, 72), seed=0)).copy()
+    cell[:, :30] = (236, 232, 230)  # a bright, nearly neutral strip of background: ~30% of the image
+    verdict = check_cell_image(Image.fromarray(cell))
+    assert verdict.ok, verdict
+    assert 0.2 < verdict.white < 0.5
