@@ -347,7 +347,9 @@ def _timm_builder(timm_name: str, name: str | None = None) -> Callable[..., nn.M
         error: Exception | None = None
         if pretrained and not weights:
             try:
-                model = timm.create_model(timm_name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+                # model.safetensors only: timm would otherwise fall back to a pickled pytorch_model.bin
+                model = timm.create_model(timm_name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate,
+                                          pretrained_cfg_overlay={"hf_hub_filename": "model.safetensors"})
             except (OSError, ConnectionError, TimeoutError) as e:
                 error = e
         if weights or error is not None or not pretrained:

@@ -203,6 +203,30 @@ def test_pretrained_uses_timms_hub_download_through_the_hf_cache(tmp_path, monke
     assert m.cellhub_config["base_model"] == "timm/resnet18.tv_in1k"
 
 
+def test_pretrained_never_reads_a_pickled_checkpoint(tmp_path, monkeypatch):
+    """A cache (or Hub repo) that holds only pytorch_model.bin is no source of weights: timm's fallback
+    to the pickle is switched off, the pickle is never opened, and the error says what to do."""
+    import timm
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--timm--resnet18.tv_in1k"
+    (repo / "snapshots" / ("b" * 40)).mkdir(parents=True)
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=1000).state_dict(),
+               repo / "snapshots" / ("b" * 40) / "pytorch_model.bin")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def no_pickles(*a, **k):
+        raise AssertionError("torch.load was called on a downloaded checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_pickles)
+    with pytest.raises(PretrainedWeightsUnavailable) as e:
+        create_model("resnet18", "malaria", pretrained=True, image_size=TINY)
+    assert "--from-scratch" in str(e.value)
+
+
 def test_smallcnn_learns_synthetic_cells_in_seconds():
     from cellhub.synthetic import draw_malaria_cell
 
