@@ -19,21 +19,17 @@ from cellhub.predict import Predictor
 from cellhub.synthetic import draw_blood_cell, draw_malaria_cell
 
 
-def _text_page() -> Image.Image:
-    page = Image.new("RGB", (240, 160), (250, 250, 250))
+def _text_page(paper=(250, 250, 250), text="The quick brown fox jumps over", ink=(15, 15, 15)) -> Image.Image:
+    page = Image.new("RGB", (240, 160), paper)
     draw = ImageDraw.Draw(page)
     for line in range(8):
-        draw.text((8, 8 + 18 * line), "The quick brown fox jumps over", fill=(15, 15, 15))
+        draw.text((8, 8 + 18 * line), text, fill=ink)
     return page
 
 
 def _tinted_text_page() -> Image.Image:
     """Text on cream paper: tinted enough to pass the stain-colour floor, but a white page."""
-    page = Image.new("RGB", (240, 160), (248, 244, 236))
-    draw = ImageDraw.Draw(page)
-    for line in range(8):
-        draw.text((8, 8 + 18 * line), "Lorem ipsum dolor sit amet", fill=(25, 25, 25))
-    return page
+    return _text_page((248, 244, 236), "Lorem ipsum dolor sit amet", (25, 25, 25))
 
 
 def _photo() -> Image.Image:
