@@ -178,22 +178,30 @@ def test_pretrained_offline_is_a_clear_error(tmp_path, monkeypatch):
     assert "pretrained=False" in msg and "--from-scratch" in msg and "HF_HUB_CACHE" in msg
 
 
+def _offline_hf_cache(tmp_path, monkeypatch):
+    """An offline HF cache under tmp_path with an empty snapshot of timm/resnet18.tv_in1k; returns its folder."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--timm--resnet18.tv_in1k"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return snap
+
+
 def test_pretrained_uses_timms_hub_download_through_the_hf_cache(tmp_path, monkeypatch):
     """pretrained=True goes through timm's real download path: a populated HF cache is used."""
     import timm
-    from huggingface_hub import constants
     from safetensors.torch import save_file
 
     torch.manual_seed(1)
     imagenet = timm.create_model("resnet18", pretrained=False, num_classes=1000)
-    snap = tmp_path / "hub" / "models--timm--resnet18.tv_in1k" / "snapshots" / ("a" * 40)
-    snap.mkdir(parents=True)
+    snap = _offline_hf_cache(tmp_path, monkeypatch)
     save_file({k: v.contiguous() for k, v in imagenet.state_dict().items()}, str(snap / "model.safetensors"),
               metadata={"format": "pt"})
-    (tmp_path / "hub" / "models--timm--resnet18.tv_in1k" / "refs").mkdir()
-    (tmp_path / "hub" / "models--timm--resnet18.tv_in1k" / "refs" / "main").write_text("a" * 40)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
     m = create_model("resnet18", "malaria", pretrained=True, image_size=TINY)
     torch.testing.assert_close(m.conv1.weight, imagenet.conv1.weight, rtol=0, atol=0)
@@ -207,16 +215,10 @@ def test_pretrained_never_reads_a_pickled_checkpoint(tmp_path, monkeypatch):
     """A cache (or Hub repo) that holds only pytorch_model.bin is no source of weights: timm's fallback
     to the pickle is switched off, the pickle is never opened, and the error says what to do."""
     import timm
-    from huggingface_hub import constants
 
-    repo = tmp_path / "hub" / "models--timm--resnet18.tv_in1k"
-    (repo / "snapshots" / ("b" * 40)).mkdir(parents=True)
+    snap = _offline_hf_cache(tmp_path, monkeypatch)
     torch.save(timm.create_model("resnet18", pretrained=False, num_classes=1000).state_dict(),
-               repo / "snapshots" / ("b" * 40) / "pytorch_model.bin")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("b" * 40)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+               snap / "pytorch_model.bin")
 
     def no_pickles(*a, **k):
         raise AssertionError("torch.load was called on a downloaded checkpoint")
