@@ -154,7 +154,6 @@ def _burst(url: str, n_clients: int, per_client: int, image: Path) -> dict[str, 
 def _sigterm(proc: subprocess.Popen, url: str, image: Path, tmp_root: Path) -> dict[str, object]:
     """SIGTERM while one request runs: was it answered, what exit code, is the temp folder gone?"""
     from gradio_client import Client, handle_file
-
     from gradio_client.utils import Status
 
     client = Client(url, verbose=False)
