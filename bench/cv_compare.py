@@ -3,7 +3,7 @@
     python bench/cv_compare.py RUN_A RUN_B [--source malaria] [--n-boot 2000]
 
 Each RUN is a ``train/finetune.py --cv K`` output folder (``cv/fold-I/holdout.npz``: every held-out
-image's probabilities, label and group). The two runs must have held out the same images in the
+image's probabilities, label, group and file). The two runs must have held out the same images in the
 same order — the same ``--dataset``s, ``--seed`` and ``--cv`` — which is checked (labels and groups
 equal). Printed: per fold and pooled accuracy of A and of B, and B minus A with a 95% interval from
 a *paired* bootstrap over groups (patients, fields): each replicate draws groups with replacement

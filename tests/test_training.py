@@ -275,6 +275,14 @@ def test_cross_validate_pools_out_of_fold_predictions_and_resumes(blood, tmp_pat
     # every training image is out-of-fold exactly once: the pool is the whole of train
     assert cv["pooled"]["n_images"] == 80 and sum(r["n_images"] for r in cv["folds"]) == 80
     assert cv["pooled"]["n_groups"] == 40
+    # each fold names the files it held out (the dataset's ``file``): together every training image once
+    from cellhub import load_cell_dataset
+    from cellhub.training.state import holdout_files, load_holdout
+
+    held = [(holdout_files(out / "cv" / f"fold-{i + 1}"), load_holdout(out / "cv" / f"fold-{i + 1}")) for i in range(3)]
+    files = [f for fs, _ in held for f in fs]
+    assert all(len(fs) == len(h[1]) for fs, h in held)
+    assert len(files) == len(set(files)) == 80 and set(files) == set(load_cell_dataset(str(blood))["train"]["file"])
     accs = [r["accuracy"] for r in cv["folds"]]
     assert cv["mean"]["accuracy"] == pytest.approx(np.mean(accs))
     assert cv["sd"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))

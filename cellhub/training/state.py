@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 __all__ = ["CHECKPOINT_DIRNAME", "save_training_state", "load_training_state", "restore_rng_state",
-           "unflatten_optimizer", "state_dict_cpu", "HOLDOUT_FILENAME", "save_holdout", "load_holdout"]
+           "unflatten_optimizer", "state_dict_cpu", "HOLDOUT_FILENAME", "save_holdout", "load_holdout", "holdout_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,10 @@ def load_training_state(output_dir: str | Path) -> dict[str, Any] | None:
 
 
 
-def save_holdout(output_dir: str | Path, probs: np.ndarray, labels: np.ndarray, groups: list[str]) -> Path:
-    """Write a fold's held-out probabilities, labels and groups (``holdout.npz``; plain arrays, no
+def save_holdout(output_dir: str | Path, probs: np.ndarray, labels: np.ndarray, groups: list[str],
+                 files: list[str] | None = None) -> Path:
+    """Write a fold's held-out probabilities, labels, groups and, when known, each image's file
+    (the dataset's ``file``: its path below its source folder; ``holdout.npz``; plain arrays, no
     pickle), atomically: a fold with this file is complete."""
     from ..cache import atomic_path
 
@@ -205,8 +207,13 @@ def save_holdout(output_dir: str | Path, probs: np.ndarray, labels: np.ndarray, 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, probs=np.asarray(probs, dtype=np.float64), labels=np.asarray(labels, dtype=np.int64),
-                     groups=np.asarray([str(g) for g in groups], dtype=np.str_))
+            arrays = dict(probs=np.asarray(probs, dtype=np.float64), labels=np.asarray(labels, dtype=np.int64),
+                          groups=np.asarray([str(g) for g in groups], dtype=np.str_))
+            if files is not None:
+                if len(files) != len(arrays["labels"]):
+                    raise ValueError(f"{len(files)} files for {len(arrays['labels'])} held-out images")
+                arrays["files"] = np.asarray([str(f) for f in files], dtype=np.str_)
+            np.savez(fh, **arrays)
     return path
 
 
@@ -220,4 +227,16 @@ def load_holdout(output_dir: str | Path) -> tuple[np.ndarray, np.ndarray, list[s
             return z["probs"], z["labels"], [str(g) for g in z["groups"]]
     except (OSError, ValueError, KeyError) as exc:
         logger.warning("%s is unreadable (%s); the fold is trained again.", path, exc)
+        return None
+
+
+def holdout_files(output_dir: str | Path) -> list[str] | None:
+    """Each held-out image's ``file`` (its path below its source folder), in the order of
+    :func:`load_holdout`'s arrays; ``None`` for a fold saved without them or unreadable."""
+    path = Path(output_dir) / HOLDOUT_FILENAME
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return [str(f) for f in z["files"]] if "files" in z.files else None
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is unreadable (%s).", path, exc)
         return None

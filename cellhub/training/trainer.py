@@ -348,7 +348,9 @@ def _evaluate_and_save(run: _Run, history: list[dict[str, Any]], best_epoch: int
                         best_epoch=best_epoch, select_metric=cfg.select_metric, **extra)
     if run.is_main:
         if "holdout" in probs:  # one fold of a cross-validation: its out-of-fold predictions
-            save_holdout(cfg.output_dir, *probs["holdout"], run.groups["holdout"])
+            held = run.prepared.splits["holdout"]
+            save_holdout(cfg.output_dir, *probs["holdout"], run.groups["holdout"],
+                         files=held["file"] if "file" in held.column_names else None)
         recipe = dict(cfg.recipe(), model=run.model_name,
                       init_from=public_dataset_name(cfg.init_from, "checkpoint") if cfg.init_from else None,
                       dataset=public_dataset_name(cfg.dataset, run.prepared.report.source_kind),
