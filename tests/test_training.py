@@ -283,6 +283,11 @@ def test_cross_validate_pools_out_of_fold_predictions_and_resumes(blood, tmp_pat
     files = [f for fs, _ in held for f in fs]
     assert all(len(fs) == len(h[1]) for fs, h in held)
     assert len(files) == len(set(files)) == 80 and set(files) == set(load_cell_dataset(str(blood))["train"]["file"])
+    from cellhub.training.state import save_holdout  # a fold saved without files (older runs) has none
+
+    save_holdout(tmp_path / "old", *held[0][1])
+    assert holdout_files(tmp_path / "old") is None and holdout_files(tmp_path / "absent") is None
+    assert load_holdout(tmp_path / "old")[2] == held[0][1][2]
     accs = [r["accuracy"] for r in cv["folds"]]
     assert cv["mean"]["accuracy"] == pytest.approx(np.mean(accs))
     assert cv["sd"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))

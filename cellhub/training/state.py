@@ -217,26 +217,32 @@ def save_holdout(output_dir: str | Path, probs: np.ndarray, labels: np.ndarray, 
     return path
 
 
-def load_holdout(output_dir: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    """``(probs, labels, groups)`` saved by :func:`save_holdout`, or ``None`` when absent or unreadable."""
+def _holdout_arrays(output_dir: str | Path) -> dict[str, np.ndarray] | None:
+    """Every array of a fold's ``holdout.npz`` (no pickle), or ``None`` when absent; raises
+    ``OSError``/``ValueError`` when unreadable."""
     path = Path(output_dir) / HOLDOUT_FILENAME
     if not path.is_file():
         return None
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_holdout(output_dir: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """``(probs, labels, groups)`` saved by :func:`save_holdout`, or ``None`` when absent or unreadable."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return z["probs"], z["labels"], [str(g) for g in z["groups"]]
+        z = _holdout_arrays(output_dir)
+        return None if z is None else (z["probs"], z["labels"], [str(g) for g in z["groups"]])
     except (OSError, ValueError, KeyError) as exc:
-        logger.warning("%s is unreadable (%s); the fold is trained again.", path, exc)
+        logger.warning("%s is unreadable (%s); the fold is trained again.", Path(output_dir) / HOLDOUT_FILENAME, exc)
         return None
 
 
 def holdout_files(output_dir: str | Path) -> list[str] | None:
     """Each held-out image's ``file`` (its path below its source folder), in the order of
-    :func:`load_holdout`'s arrays; ``None`` for a fold saved without them or unreadable."""
-    path = Path(output_dir) / HOLDOUT_FILENAME
+    :func:`load_holdout`'s arrays; ``None`` for a fold saved without them, absent or unreadable."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return [str(f) for f in z["files"]] if "files" in z.files else None
+        z = _holdout_arrays(output_dir)
     except (OSError, ValueError) as exc:
-        logger.warning("%s is unreadable (%s).", path, exc)
+        logger.warning("%s is unreadable (%s).", Path(output_dir) / HOLDOUT_FILENAME, exc)
         return None
+    return None if z is None or "files" not in z else [str(f) for f in z["files"]]
