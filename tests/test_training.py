@@ -277,14 +277,13 @@ def test_cross_validate_pools_out_of_fold_predictions_and_resumes(blood, tmp_pat
     assert cv["pooled"]["n_groups"] == 40
     # each fold names the files it held out (the dataset's ``file``): together every training image once
     from cellhub import load_cell_dataset
-    from cellhub.training.state import holdout_files, load_holdout
+    from cellhub.training.state import holdout_files, load_holdout, save_holdout
 
     held = [(holdout_files(out / "cv" / f"fold-{i + 1}"), load_holdout(out / "cv" / f"fold-{i + 1}")) for i in range(3)]
     files = [f for fs, _ in held for f in fs]
     assert all(len(fs) == len(h[1]) for fs, h in held)
     assert len(files) == len(set(files)) == 80 and set(files) == set(load_cell_dataset(str(blood))["train"]["file"])
-    from cellhub.training.state import save_holdout  # a fold saved without files (older runs) has none
-
+    # a fold saved without files (older runs) has none
     save_holdout(tmp_path / "old", *held[0][1])
     assert holdout_files(tmp_path / "old") is None and holdout_files(tmp_path / "absent") is None
     assert load_holdout(tmp_path / "old")[2] == held[0][1][2]
