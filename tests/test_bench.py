@@ -86,3 +86,27 @@ def test_cv_tta_views_are_the_eight_symmetries_of_the_square() -> None:
     assert len({tuple(v.flatten().tolist()) for v in vs}) == 8  # all distinct
     assert all(torch.equal(v.flip(-1).flip(-1), v) for v in vs)
     assert any(torch.equal(v, torch.rot90(x, 1, (-2, -1))) for v in vs)  # a rotation is among them
+
+
+def test_wbc_combine_rules_add_rescues_and_veto_drops() -> None:
+    """bench/wbc_combine.py: the network adds a cell the finder missed only above its threshold and
+    where no finder box is; a finder box without a network peak on it is vetoed."""
+    from wbc_combine import combine, score, wilson
+
+    finder = [(0, 0, 40, 40), (100, 100, 140, 140)]
+    net = [((2, 2, 42, 42), 0.9),          # on finder box 1
+           ((200, 200, 240, 240), 0.55),   # a cell the finder missed
+           ((101, 99, 141, 139), 0.12)]    # a weak peak on finder box 2
+    assert combine(finder, net, None, None) == finder
+    assert combine(finder, net, 0.5, None) == [*finder, (200, 200, 240, 240)]
+    assert combine(finder, net, 0.6, None) == finder
+    assert combine(finder, net, None, 0.2) == [finder[0]]
+    assert combine(finder, net, None, 0.1) == finder
+    truth = [(0, 0, 40, 40), (200, 200, 240, 240)]
+    fields = [{"finder": finder, "net": net, "truth": truth}]
+    both = score(fields, 0.5, 0.2)
+    assert (both["matched"], both["found"], both["true"]) == (2, 2, 2) and both["f1"] == 1.0
+    alone = score(fields, None, None)
+    assert (alone["recall"], alone["precision"]) == (0.5, 0.5)
+    lo, hi = wilson(97, 104)
+    assert 0.86 < lo < 0.87 and 0.96 < hi < 0.97

@@ -162,6 +162,9 @@ def test_train_detector_cross_validates_then_writes_a_loadable_network(tmp_path)
     cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
     assert len(cv["folds"]) == 2 and cv["oof"]["rbc_true"] == sum(len(drawn_field(k)[1]) for k in range(4))
     assert set(cv["thresholds"]) == set(KINDS)
+    oof = json.loads((tmp_path / "cv" / "oof.json").read_text())
+    assert sorted(oof["fields"]) == ids
+    assert all(k in KINDS and len(b) == 4 and s >= oof["grid_min"] for p in oof["fields"].values() for k, b, s in p)
     assert td.main([*common, "--thresholds-from", str(tmp_path / "cv" / "cv.json"), "--output-dir", str(tmp_path / "final")]) == 0
     net, cfg = load_fieldnet(tmp_path / "final" / "fieldnet.safetensors")
     assert cfg.width == 8 and cfg.thresholds == cv["thresholds"] and cfg.trained["fields"] == 4

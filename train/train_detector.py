@@ -17,7 +17,8 @@ each on its held-out fold: white-cell recall / precision, red-cell box
 recall / precision (IoU >= 0.5) and the red-cell count error (median over fields of
 |found - boxed| / boxed), for a grid of heatmap thresholds. The thresholds that do best out of fold
 (white cells and platelets: F1; red cells: the median count error) are written to ``cv.json``; the
-final fit (no ``--cv``) takes them with ``--thresholds-from``. Checkpoints every epoch, ``--resume``.
+final fit (no ``--cv``) takes them with ``--thresholds-from``. ``oof.json`` keeps every out-of-fold peak
+(kind, box in original pixels, score) per field id. Checkpoints every epoch, ``--resume``.
 """
 from __future__ import annotations
 
@@ -250,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         report = {"fields": len(fields), "folds": folds, "thresholds": thr, "oof": pooled, "per_fold_at_chosen": per_fold,
                   "recipe": recipe, "wall_s": round(time.time() - t0, 1)}
         (out / "cv.json").write_text(json.dumps(report, indent=2))
+        # every out-of-fold peak (down to the grid's lowest threshold), for choosing what to combine it with
+        (out / "oof.json").write_text(json.dumps({
+            "grid_min": min(GRID), "boxes": "original px",
+            "fields": {f["id"]: [[k, [round(v, 1) for v in b], round(float(s), 4)] for k, b, s in p]
+                       for f, p in zip(fields, oof)}}))
         print(json.dumps({"thresholds": thr, "oof": pooled}, indent=2))
         return 0
     if args.thresholds_from:
