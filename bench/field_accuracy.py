@@ -136,7 +136,9 @@ def pbc(n: int, params, seed: int = 0) -> dict:
     return {"pbc_images": len(sample), "pbc_exactly_one": hist.get(1, 0) / len(sample), "pbc_hist": hist, "pbc_wrong_by_class": wrong}
 
 
-def _value(text: str) -> float | str:
+def _value(text: str) -> float | str | None:
+    if text.lower() == "none":
+        return None  # wbc_net_add=none: the finder's white cells only
     try:
         return float(text)
     except ValueError:

@@ -7,7 +7,9 @@ network's white-cell head (``cellhub.fieldnet``). Is a combination of the two be
 
 Rules (one small family, fixed before looking at any figure):
 - ``add@t``: the finder's white cells, plus every network white cell of score >= t that overlaps no
-  finder box (IoU < 0.3): the network rescues cells the finder missed;
+  finder box (IoU < 0.3, centre outside it): the network rescues cells the finder missed
+  (``cellhub.fieldnet.net_extra_white_cells``; since 2026-12-04 the detector's default,
+  ``DetectParams.wbc_net_add = 0.3``, the rule this chose; the finder alone: ``wbc_net_add=None``);
 - ``veto@s``: a finder box is kept only when a network white cell of score >= s overlaps it (IoU >=
   0.3): the network vetoes the finder's false alarms;
 - both, and neither (the finder alone).
@@ -29,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cellhub.detect import DEFAULT_PARAMS, box_iou, detect_cells, working_image  # noqa: E402
+from cellhub.detect import DEFAULT_PARAMS, box_iou, detect_cells, with_params, working_image  # noqa: E402
+from cellhub.fieldnet import net_extra_white_cells  # noqa: E402
 from cellhub.images import read_image  # noqa: E402
 from field_accuracy import ANN, JPEG, match, read_boxes, split_ids  # noqa: E402
 
@@ -44,8 +47,8 @@ def combine(finder: list, net: list, add: float | None, veto: float | None) -> l
         return max((s for nb, s in net if box_iou(b, nb) >= OVERLAP), default=0.0)
 
     kept = [b for b in finder if veto is None or best(b) >= veto]
-    if add is not None:
-        kept += [nb for nb, s in net if s >= add and all(box_iou(nb, b) < OVERLAP for b in finder)]
+    if add is not None:  # the detector's own rule (DetectParams.wbc_net_add)
+        kept += net_extra_white_cells([("wbc", nb, s) for nb, s in net], finder, add, OVERLAP)
     return kept
 
 
@@ -71,7 +74,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def finder_boxes(fid: str) -> list:
-    return [c.box for c in detect_cells(read_image(JPEG / f"{fid}.jpg"), DEFAULT_PARAMS).of_kind("wbc")]
+    finder = with_params(wbc_net_add=None)  # the image-processing finder alone (the rule adds the network)
+    return [c.box for c in detect_cells(read_image(JPEG / f"{fid}.jpg"), finder).of_kind("wbc")]
 
 
 def net_boxes(fid: str, net, cfg) -> list:

@@ -35,7 +35,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from cellhub.fieldnet import box_iou, load_fieldnet, net_red_cells
+from cellhub.fieldnet import box_iou, find_cells, load_fieldnet, net_extra_white_cells, net_red_cells
 
 __all__ = ["Cell", "Detection", "DetectParams", "DEFAULT_PARAMS", "detect_cells", "box_iou", "field_problem",
            "estimate_radius", "white_cell_centre", "working_image"]
@@ -106,6 +106,9 @@ class DetectParams:
     #: are absent) or ``"hough"`` (the circles above); ``fieldnet``: a weights file (None: the bundled one)
     red_cells: str = "net"
     fieldnet: str | None = None
+    #: with the network: also a white cell, each of its white cells of at least this score that no
+    #: finder box overlaps (None: the finder's white cells only; chosen out of fold, RESULTS.md)
+    wbc_net_add: float | None = 0.3
 
 
 DEFAULT_PARAMS = DetectParams()
@@ -341,25 +344,27 @@ def _detect_tile(arr: np.ndarray, r: float, p: DetectParams, net) -> list[tuple[
     wbc_n, small = _purple_groups(arr, r, p)
     fg = _foreground(arr, p, r)
     out: list[tuple[str, Box, float, tuple[float, float]]] = []
-    wbc_boxes = []
+    add = 1.1 if p.wbc_net_add is None else p.wbc_net_add  # 1.1: no white-cell peak is kept
+    found = [] if net is None else find_cells(*net, arr, r, thresholds={"wbc": add})
+    wbc_boxes = [_grow(box, r, p, w, h) for box, _ in wbc_n]
+    extra = net_extra_white_cells(found, wbc_boxes, add)
     keep = np.ones((h, w), np.uint8)  # 0 inside white cells
-    for box, a in wbc_n:
-        cell = _grow(box, r, p, w, h)
-        wbc_boxes.append(cell)
+    wbcs = [(c, a, b) for c, (b, a) in zip(wbc_boxes, wbc_n)]  # (box, nucleus area, nucleus box)
+    for cell, a, box in wbcs + [(b, math.pi / 4 * (b[2] - b[0]) * (b[3] - b[1]), b) for b in extra]:
         out.append(("wbc", cell, a, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)))
         x0, y0, x1, y1 = cell
         centre = ((x0 + x1) // 2, (y0 + y1) // 2)
         cv2.ellipse(keep, centre, (max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2)), 0, 0, 360, 0, -1)
     for box, a in small:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        near_wbc = any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in wbc_boxes)
+        near_wbc = any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in wbc_boxes + extra)
         if near_wbc or _inside_red_cell(fg, box, r):
             continue
         pad = 1
         pbox = (max(0, box[0] - pad), max(0, box[1] - pad), min(w, box[2] + pad), min(h, box[3] + pad))
         out.append(("platelet", pbox, a, (cx, cy)))
     if net is not None:  # (FieldNet, FieldNetConfig), resolved once per photo by _fieldnet
-        for box, a, (row, col) in net_red_cells(*net, arr, keep.astype(bool), r):
+        for box, a, (row, col) in net_red_cells(found, keep.astype(bool)):
             out.append(("rbc", box, a, (float(col), float(row))))
         return out
     red = ndi.binary_fill_holes(fg | _redder(arr, p.rbc_redness)) if p.rbc_redness > 0 else fg

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KINDS", "box_iou", "STRIDE", "FieldNet", "FieldNetConfig", "targets", "focal_loss", "detection_loss", "decode", "find_cells", "to_input", "net_red_cells",
+__all__ = ["KINDS", "box_iou", "STRIDE", "FieldNet", "FieldNetConfig", "targets", "focal_loss", "detection_loss", "decode", "find_cells", "to_input", "net_red_cells", "net_extra_white_cells",
            "load_fieldnet", "save_fieldnet", "BUNDLED_FIELDNET"]
 
 logger = logging.getLogger(__name__)
@@ -158,15 +158,15 @@ def to_input(arr: np.ndarray, cfg: FieldNetConfig) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def find_cells(net: FieldNet, cfg: FieldNetConfig, arr: np.ndarray, r: float, nms_iou: float = 0.5
-               ) -> list[tuple[str, tuple[float, float, float, float], float]]:
+def find_cells(net: FieldNet, cfg: FieldNetConfig, arr: np.ndarray, r: float, nms_iou: float = 0.5,
+               thresholds: dict[str, float] | None = None) -> list[tuple[str, tuple[float, float, float, float], float]]:
     """Cells in one uint8 RGB working image (red-cell radius ``r`` px): (kind, box, score), boxes in
     its pixels, best first; of two peaks of one kind whose boxes overlap by IoU > ``nms_iou`` the
-    lower is dropped."""
+    lower is dropped. ``thresholds`` overrides the config's score thresholds of the kinds it names."""
     heat, size, offset = net(to_input(arr, cfg))
     h, w = arr.shape[:2]
     out: list[tuple[str, tuple[float, float, float, float], float]] = []
-    found = sorted(decode(heat[0], size[0], offset[0], r, cfg.thresholds), key=lambda c: -c[2])
+    found = sorted(decode(heat[0], size[0], offset[0], r, {**cfg.thresholds, **(thresholds or {})}), key=lambda c: -c[2])
     for kind, (x0, y0, x1, y1), s in found:
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         if not (0 <= cx < w and 0 <= cy < h):
@@ -188,19 +188,35 @@ def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def net_red_cells(net: FieldNet, cfg: FieldNetConfig, arr: np.ndarray, keep: np.ndarray, r: float
+def net_red_cells(found: list[tuple[str, tuple[float, float, float, float], float]], keep: np.ndarray
                   ) -> list[tuple[tuple[int, int, int, int], float, tuple[int, int]]]:
-    """(box, area, centre (row, col)) per red cell in a working image, as :mod:`cellhub.detect`
-    wants them; a centre where ``keep`` is False (inside a white cell: its cytoplasm) is dropped."""
+    """(box, area, centre (row, col)) per red cell of :func:`find_cells`'s ``found`` in a working
+    image, as :mod:`cellhub.detect` wants them; a centre where ``keep`` is False (inside a white
+    cell: its cytoplasm) is dropped."""
     h, w = keep.shape
     out = []
-    for kind, (x0, y0, x1, y1), _score in find_cells(net, cfg, arr, r):
+    for kind, (x0, y0, x1, y1), _score in found:
         col, row = min(w - 1, int((x0 + x1) / 2)), min(h - 1, int((y0 + y1) / 2))
         if kind != "rbc" or not keep[row, col]:
             continue
         box = (int(x0), int(y0), min(w, math.ceil(x1)), min(h, math.ceil(y1)))
         out.append((box, math.pi / 4 * (x1 - x0) * (y1 - y0), (row, col)))
     return out
+
+
+def net_extra_white_cells(found: list[tuple[str, tuple[float, float, float, float], float]],
+                          finder: list[tuple[int, int, int, int]], min_score: float, overlap: float = 0.3
+                          ) -> list[tuple[int, int, int, int]]:
+    """The network's white cells of score >= ``min_score`` that overlap no ``finder`` box (IoU <
+    ``overlap``, centre outside it: a smaller box inside a white cell is that cell): the cells the
+    image-processing finder missed. The rule ("add@0.3") was chosen among a few on out-of-fold
+    predictions of the tuning fields (``bench/wbc_combine.py``)."""
+    def new(box) -> bool:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        return all(box_iou(box, b) < overlap and not (b[0] <= cx <= b[2] and b[1] <= cy <= b[3]) for b in finder)
+
+    return [(int(b[0]), int(b[1]), math.ceil(b[2]), math.ceil(b[3]))
+            for kind, b, score in found if kind == "wbc" and score >= min_score and new(b)]
 
 
 # ------------------------------------------------------------------------------ save / load

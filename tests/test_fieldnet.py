@@ -169,3 +169,43 @@ def test_train_detector_cross_validates_then_writes_a_loadable_network(tmp_path)
     net, cfg = load_fieldnet(tmp_path / "final" / "fieldnet.safetensors")
     assert cfg.width == 8 and cfg.thresholds == cv["thresholds"] and cfg.trained["fields"] == 4
     assert cfg.trained["cv"]["folds"] == 2 and cfg.trained["train_s"] > 0
+
+
+def test_network_white_cells_are_added_only_where_the_finder_has_none():
+    from cellhub.fieldnet import net_extra_white_cells
+
+    finder = [(100, 100, 160, 160)]
+    found = [("wbc", (300.0, 40.0, 350.0, 92.5), 0.55),   # far from the finder's cell: added
+             ("wbc", (10.0, 10.0, 50.0, 50.0), 0.25),     # under the score: not added
+             ("wbc", (105.0, 102.0, 165.0, 158.0), 0.9),  # the finder's cell again (IoU >= 0.3)
+             ("wbc", (120.0, 120.0, 140.0, 140.0), 0.9),  # a small box inside it (IoU 0.11): the same cell
+             ("rbc", (200.0, 200.0, 230.0, 230.0), 0.9)]  # another kind
+    assert net_extra_white_cells(found, finder, 0.3) == [(300, 40, 350, 93)]
+    assert net_extra_white_cells(found, finder, 0.2) == [(300, 40, 350, 93), (10, 10, 50, 50)]
+    assert net_extra_white_cells(found, [], 0.6) == [(105, 102, 165, 158), (120, 120, 140, 140)]
+
+
+def test_detect_cells_adds_a_white_cell_only_the_network_saw(monkeypatch):
+    """detect_cells wiring: a white-cell peak of the network where the finder found none becomes a
+    white cell (box in the photo's pixels), and the red cell under it is no longer counted."""
+    import cellhub.detect as detect
+
+    image, _ = drawn_field(3)
+    plain = detect_cells(image)
+    assert not plain.of_kind("wbc")
+    target = plain.of_kind("rbc")[0].box  # pretend the network calls this one a white cell
+    real = detect.find_cells
+
+    def fake(net, cfg, arr, r, nms_iou=0.5, thresholds=None):
+        s = plain.scale
+        extra = ("wbc", tuple(v * s for v in target), 0.8)
+        return [extra] + real(net, cfg, arr, r, nms_iou, thresholds)
+
+    monkeypatch.setattr(detect, "find_cells", fake)
+    got = detect_cells(image)
+    (wbc,) = got.of_kind("wbc")
+    assert box_iou(wbc.box, target) > 0.8
+    assert len(got.of_kind("rbc")) == len(plain.of_kind("rbc")) - 1
+    assert all(box_iou(c.box, target) < 0.5 for c in got.of_kind("rbc"))
+    off = detect_cells(image, with_params(wbc_net_add=None))
+    assert not off.of_kind("wbc") and len(off.of_kind("rbc")) == len(plain.of_kind("rbc"))
