@@ -35,7 +35,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from cellhub.fieldnet import box_iou, find_cells, load_fieldnet, net_extra_white_cells, net_red_cells
+from cellhub.fieldnet import box_iou, centre_in, find_cells, load_fieldnet, net_extra_white_cells, net_red_cells
 
 __all__ = ["Cell", "Detection", "DetectParams", "DEFAULT_PARAMS", "detect_cells", "box_iou", "field_problem",
            "estimate_radius", "white_cell_centre", "working_image"]
@@ -357,8 +357,7 @@ def _detect_tile(arr: np.ndarray, r: float, p: DetectParams, net) -> list[tuple[
         cv2.ellipse(keep, centre, (max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2)), 0, 0, 360, 0, -1)
     for box, a in small:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        near_wbc = any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in wbc_boxes + extra)
-        if near_wbc or _inside_red_cell(fg, box, r):
+        if centre_in(box, wbc_boxes + extra) or _inside_red_cell(fg, box, r):
             continue
         pad = 1
         pbox = (max(0, box[0] - pad), max(0, box[1] - pad), min(w, box[2] + pad), min(h, box[3] + pad))

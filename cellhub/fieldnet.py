@@ -188,6 +188,12 @@ def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def centre_in(box: tuple[float, ...], boxes) -> bool:
+    """Whether the centre of ``box`` lies inside (or on the edge of) any of ``boxes``."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in boxes)
+
+
 def net_red_cells(found: list[tuple[str, tuple[float, float, float, float], float]], keep: np.ndarray
                   ) -> list[tuple[tuple[int, int, int, int], float, tuple[int, int]]]:
     """(box, area, centre (row, col)) per red cell of :func:`find_cells`'s ``found`` in a working
@@ -212,8 +218,7 @@ def net_extra_white_cells(found: list[tuple[str, tuple[float, float, float, floa
     image-processing finder missed. The rule ("add@0.3") was chosen among a few on out-of-fold
     predictions of the tuning fields (``bench/wbc_combine.py``)."""
     def new(box) -> bool:
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        return all(box_iou(box, b) < overlap and not (b[0] <= cx <= b[2] and b[1] <= cy <= b[3]) for b in finder)
+        return not centre_in(box, finder) and all(box_iou(box, b) < overlap for b in finder)
 
     return [(int(b[0]), int(b[1]), math.ceil(b[2]), math.ceil(b[3]))
             for kind, b, score in found if kind == "wbc" and score >= min_score and new(b)]

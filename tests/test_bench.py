@@ -110,3 +110,36 @@ def test_wbc_combine_rules_add_rescues_and_veto_drops() -> None:
     assert (alone["recall"], alone["precision"]) == (0.5, 0.5)
     lo, hi = wilson(97, 104)
     assert 0.86 < lo < 0.87 and 0.96 < hi < 0.97
+
+
+def test_cv_ensemble_matches_images_across_folds_and_averages(tmp_path: Path) -> None:
+    """bench/cv_ensemble.py: images are matched by source and file although the runs' folds differ;
+    the ensemble is the mean probability; other data is refused."""
+    import cv_ensemble
+
+    from cellhub.training.cv import fold_dir
+    from cellhub.training.state import save_holdout
+
+    def run(root, folds):  # folds: [(files, p_class1)], label of f"i{k}" = k % 2
+        for i, (files, p1) in enumerate(folds):
+            y = np.array([int(f[1:]) % 2 for f in files])
+            probs = np.stack([1 - np.asarray(p1), np.asarray(p1)], axis=1)
+            save_holdout(fold_dir(root, i), probs, y, [f"src|g{int(f[1:]) // 2}" for f in files], files)
+        return root
+
+    # A: i0..i3 held out in fold 1, i4..i7 in fold 2; B: other folds, other order
+    a = run(tmp_path / "a", [(["i0", "i1", "i2", "i3"], [0.4, 0.9, 0.6, 0.45]),
+                             (["i4", "i5", "i6", "i7"], [0.2, 0.8, 0.3, 0.7])])
+    b = run(tmp_path / "b", [(["i7", "i2", "i5", "i0"], [0.7, 0.2, 0.8, 0.1]),
+                             (["i3", "i1", "i6", "i4"], [0.9, 0.4, 0.3, 0.2])])
+    r = cv_ensemble.ensemble([a, b], n_boot=200)
+    # A is wrong on i2 (0.6 for label 0) and i3 (0.45 for label 1); B is wrong on i1 (0.4)
+    assert r["runs"] == [6 / 8, 7 / 8]
+    # means: i1 0.65 right, i2 0.4 right, i3 0.675 right -> all 8 right
+    assert r["ensemble"] == 1.0 and r["n_images"] == 8 and r["n_groups"] == 4
+    assert r["ensemble_minus_a"] == pytest.approx(0.25) and r["ci95"][0] <= 0.25 <= r["ci95"][1]
+    other = run(tmp_path / "c", [(["i0", "i1", "i2", "i3"], [0.1] * 4), (["i4", "i5", "i6", "i9"], [0.1] * 4)])
+    with pytest.raises(SystemExit, match="never held out 1"):
+        cv_ensemble.ensemble([a, other])
+    with pytest.raises(SystemExit, match="no held-out image of source"):
+        cv_ensemble.ensemble([a, b], source="pbc")

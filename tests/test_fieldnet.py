@@ -185,6 +185,17 @@ def test_network_white_cells_are_added_only_where_the_finder_has_none():
     assert net_extra_white_cells(found, [], 0.6) == [(105, 102, 165, 158), (120, 120, 140, 140)]
 
 
+def test_centre_in_tells_whether_a_box_centre_lies_in_any_box():
+    from cellhub.fieldnet import centre_in
+
+    boxes = [(0, 0, 10, 10), (50, 50, 60, 80)]
+    assert centre_in((2, 2, 6, 6), boxes)            # centre (4, 4) in the first
+    assert centre_in((40, 60, 70, 70), boxes)        # centre (55, 65) in the second, box wider than it
+    assert centre_in((8, 8, 12, 12), boxes)          # centre (10, 10) on the first's edge
+    assert not centre_in((8, 8, 14, 14), boxes)      # centre (11, 11): outside both, though overlapping
+    assert not centre_in((2, 2, 6, 6), [])
+
+
 def test_detect_cells_adds_a_white_cell_only_the_network_saw(monkeypatch):
     """detect_cells wiring: a white-cell peak of the network where the finder found none becomes a
     white cell (box in the photo's pixels), and the red cell under it is no longer counted."""

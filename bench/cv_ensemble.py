@@ -1,0 +1,97 @@
+"""Would an ensemble of independently trained models beat one? Out of fold, from finished CV runs.
+
+    python bench/cv_ensemble.py RUN_A RUN_B [RUN_C ...] [--source kaggle] [--n-boot 2000]
+
+Each RUN is a ``train/finetune.py --cv K`` folder of the same recipe and data, trained with a
+different ``--seed`` (which also draws other folds: that is allowed here). Every image was held out
+once in every run, so each run holds an out-of-fold probability for it from a model that never saw
+it; the images are matched across runs by source and file (``holdout.npz``'s ``files``), and the
+ensemble's prediction is the label of the highest mean probability (what
+:func:`cellhub.predict.consensus` picks for two loaded models: their label when they agree, the higher
+mean probability of the two when they do not, then flagged uncertain; with three or more it takes a
+majority vote first). Printed: each run alone, the ensemble, and ensemble minus RUN_A
+with a 95% interval from a paired bootstrap over groups (``bench/cv_compare.py``); also RUN_B minus
+RUN_A, how far two seeds of one recipe differ by chance. ``--source`` keeps one source's images.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cv_compare import paired_difference  # noqa: E402
+
+from cellhub.training.cv import fold_dir  # noqa: E402
+from cellhub.training.state import holdout_files, load_holdout  # noqa: E402
+
+
+def run_predictions(run: Path) -> dict[tuple[str, str], tuple[np.ndarray, int, str]]:
+    """``(source, file) -> (probabilities, label, group)`` over every fold of a finished CV run."""
+    out: dict[tuple[str, str], tuple[np.ndarray, int, str]] = {}
+    i = 0
+    while fold_dir(run, i).is_dir():
+        held = load_holdout(fold_dir(run, i))
+        files = holdout_files(fold_dir(run, i))
+        if held is None or files is None:
+            raise SystemExit(f"{fold_dir(run, i)}: no holdout.npz with the held-out files (an unfinished fold, "
+                             "or a run older than the files record); rerun it with --resume.")
+        for p, y, g, f in zip(*held, files):
+            key = (str(g).split("|", 1)[0], f)
+            if key in out:
+                raise SystemExit(f"{run}: {key[1]} of source {key[0]} is held out twice: not a K-fold run.")
+            out[key] = (np.asarray(p, dtype=np.float64), int(y), str(g))
+        i += 1
+    if not out:
+        raise SystemExit(f"{run} holds no cv/fold-1: not a --cv run folder.")
+    return out
+
+
+def ensemble(runs: list[Path], source: str | None = None, n_boot: int = 2000) -> dict:
+    preds = [run_predictions(r) for r in runs]
+    keys = sorted(k for k in preds[0] if source is None or k[0] == source)
+    if not keys:
+        raise SystemExit(f"{runs[0]}: no held-out image of source {source!r}")
+    for r, p in zip(runs[1:], preds[1:]):
+        missing = [k for k in keys if k not in p]
+        if missing:
+            raise SystemExit(f"{r} never held out {len(missing)} of {runs[0]}'s images (e.g. {missing[0][1]}): "
+                             "not the same data.")
+        if any(p[k][1] != preds[0][k][1] for k in keys):
+            raise SystemExit(f"{r} labels some images differently from {runs[0]}: not the same task and data.")
+    y = np.array([preds[0][k][1] for k in keys])
+    groups = np.array([preds[0][k][2] for k in keys])
+    probs = np.stack([np.stack([p[k][0] for k in keys]) for p in preds])  # (runs, images, classes)
+    correct = (probs.argmax(-1) == y).astype(np.float64)
+    mean_ok = (probs.mean(0).argmax(-1) == y).astype(np.float64)
+    diff, ci = paired_difference(correct[0], mean_ok, groups, n_boot)
+    seed_diff, seed_ci = paired_difference(correct[0], correct[1], groups, n_boot)
+    return {"runs": [float(c.mean()) for c in correct], "ensemble": float(mean_ok.mean()),
+            "ensemble_minus_a": diff, "ci95": ci, "b_minus_a": seed_diff, "b_minus_a_ci95": seed_ci,
+            "n_images": len(keys), "n_groups": len(set(groups.tolist()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("--source", help="only this source's images (e.g. blood-cells)")
+    ap.add_argument("--n-boot", type=int, default=2000)
+    args = ap.parse_args(argv)
+    if len(args.runs) < 2:
+        ap.error("give at least two runs")
+    r = ensemble(args.runs, args.source, args.n_boot)
+    for run, acc in zip(args.runs, r["runs"]):
+        print(f"{run}: {acc:.4f}")
+    pts = lambda d, ci: f"{100 * d:+.2f} points [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"  # noqa: E731
+    print(f"ensemble of {len(args.runs)}: {r['ensemble']:.4f}; ensemble - A = {pts(r['ensemble_minus_a'], r['ci95'])}; "
+          f"B - A = {pts(r['b_minus_a'], r['b_minus_a_ci95'])} (paired bootstrap over {r['n_groups']} groups, "
+          f"{r['n_images']} images" + (f", source {args.source}" if args.source else "") + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
