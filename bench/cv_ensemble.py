@@ -11,7 +11,8 @@ ensemble's prediction is the label of the highest mean probability (what
 mean probability of the two when they do not, then flagged uncertain; with three or more it takes a
 majority vote first). Printed: each run alone, the ensemble, and ensemble minus RUN_A
 with a 95% interval from a paired bootstrap over groups (``bench/cv_compare.py``); also RUN_B minus
-RUN_A, how far two seeds of one recipe differ by chance. ``--source`` keeps one source's images.
+RUN_A, how far two seeds of one recipe differ by chance, and how often the runs agree (a consensus
+flags the rest uncertain) with the accuracy there. ``--source`` keeps one source's images.
 """
 from __future__ import annotations
 
@@ -70,7 +71,9 @@ def ensemble(runs: list[Path], source: str | None = None, n_boot: int = 2000) ->
     mean_ok = (probs.mean(0).argmax(-1) == y).astype(np.float64)
     diff, ci = paired_difference(correct[0], mean_ok, groups, n_boot)
     seed_diff, seed_ci = paired_difference(correct[0], correct[1], groups, n_boot)
+    agree = (probs.argmax(-1) == probs[0].argmax(-1)).all(0)  # every run gives the same label
     return {"runs": [float(c.mean()) for c in correct], "ensemble": float(mean_ok.mean()),
+            "agree": float(agree.mean()), "agree_accuracy": float(mean_ok[agree].mean()) if agree.any() else None,
             "ensemble_minus_a": diff, "ci95": ci, "b_minus_a": seed_diff, "b_minus_a_ci95": seed_ci,
             "n_images": len(keys), "n_groups": len(set(groups.tolist()))}
 
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ensemble of {len(args.runs)}: {r['ensemble']:.4f}; ensemble - A = {pts(r['ensemble_minus_a'], r['ci95'])}; "
           f"B - A = {pts(r['b_minus_a'], r['b_minus_a_ci95'])} (paired bootstrap over {r['n_groups']} groups, "
           f"{r['n_images']} images" + (f", source {args.source}" if args.source else "") + ")")
+    if r["agree_accuracy"] is not None:
+        print(f"the runs agree on {100 * r['agree']:.1f}% of the images (the rest a consensus flags uncertain), "
+              f"{100 * r['agree_accuracy']:.2f}% right there")
     return 0
 
 

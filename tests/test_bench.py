@@ -137,6 +137,7 @@ def test_cv_ensemble_matches_images_across_folds_and_averages(tmp_path: Path) ->
     assert r["runs"] == [6 / 8, 7 / 8]
     # means: i1 0.65 right, i2 0.4 right, i3 0.675 right -> all 8 right
     assert r["ensemble"] == 1.0 and r["n_images"] == 8 and r["n_groups"] == 4
+    assert r["agree"] == 5 / 8 and r["agree_accuracy"] == 1.0  # they disagree on i1, i2, i3
     assert r["ensemble_minus_a"] == pytest.approx(0.25) and r["ci95"][0] <= 0.25 <= r["ci95"][1]
     other = run(tmp_path / "c", [(["i0", "i1", "i2", "i3"], [0.1] * 4), (["i4", "i5", "i6", "i9"], [0.1] * 4)])
     with pytest.raises(SystemExit, match="never held out 1"):
