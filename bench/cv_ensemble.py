@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cv_compare import paired_difference  # noqa: E402
 
+from cellhub.metrics import classification_metrics  # noqa: E402
 from cellhub.training.cv import fold_dir  # noqa: E402
 from cellhub.training.state import holdout_files, load_holdout  # noqa: E402
 
@@ -72,7 +73,11 @@ def ensemble(runs: list[Path], source: str | None = None, n_boot: int = 2000) ->
     diff, ci = paired_difference(correct[0], mean_ok, groups, n_boot)
     seed_diff, seed_ci = paired_difference(correct[0], correct[1], groups, n_boot)
     agree = (probs.argmax(-1) == probs[0].argmax(-1)).all(0)  # every run gives the same label
+    n_labels = probs.shape[-1]
+    m = classification_metrics(y, probs.mean(0), [str(k) for k in range(n_labels)], groups, n_boot=1000)
     return {"runs": [float(c.mean()) for c in correct], "ensemble": float(mean_ok.mean()),
+            "ensemble_ci95": m["ci95"], "ensemble_macro_f1": m["macro_f1"],
+            "ensemble_recall": [m["per_class"][str(k)]["recall"] for k in range(n_labels)],
             "agree": float(agree.mean()), "agree_accuracy": float(mean_ok[agree].mean()) if agree.any() else None,
             "ensemble_minus_a": diff, "ci95": ci, "b_minus_a": seed_diff, "b_minus_a_ci95": seed_ci,
             "n_images": len(keys), "n_groups": len(set(groups.tolist()))}
@@ -90,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     for run, acc in zip(args.runs, r["runs"]):
         print(f"{run}: {acc:.4f}")
     pts = lambda d, ci: f"{100 * d:+.2f} points [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"  # noqa: E731
-    print(f"ensemble of {len(args.runs)}: {r['ensemble']:.4f}; ensemble - A = {pts(r['ensemble_minus_a'], r['ci95'])}; "
+    lo, hi = r["ensemble_ci95"]
+    print(f"ensemble of {len(args.runs)}: {r['ensemble']:.4f} [{lo:.4f}, {hi:.4f}] (group bootstrap), macro-F1 "
+          f"{r['ensemble_macro_f1']:.4f}, recall per class " + " ".join(f"{x:.3f}" for x in r["ensemble_recall"]))
+    print(f"ensemble - A = {pts(r['ensemble_minus_a'], r['ci95'])}; "
           f"B - A = {pts(r['b_minus_a'], r['b_minus_a_ci95'])} (paired bootstrap over {r['n_groups']} groups, "
           f"{r['n_images']} images" + (f", source {args.source}" if args.source else "") + ")")
     if r["agree_accuracy"] is not None:

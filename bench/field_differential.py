@@ -1,11 +1,14 @@
 """Is the differential from whole fields as accurate as from the crops?  (issue #11)
 
-    python bench/field_differential.py --cv-run RUN_DIR [--data ROOT]
+    python bench/field_differential.py --cv-run RUN_DIR [--cv-run RUN_DIR2 ...] [--data ROOT]
     python bench/field_differential.py [--checkpoint checkpoints/smallcnn-blood-cells] [--data ROOT]
 
 Only cells the model never trained on. With ``--cv-run`` (a ``finetune.py --cv`` run folder, e.g.
 the one ``train/bundle.sh blood-cells`` writes): every fold's model on the Kaggle fields its fold
-held out, so every field is scored once, out of fold. With ``--checkpoint`` (single-source
+held out, so every field is scored once, out of fold. Several ``--cv-run``s (the same recipe with
+other ``--seed``s, whose folds differ) score the ensemble: each field by the fold models, one per
+run, that held it out, their probabilities averaged over the crops and their consensus on the
+whole field (as the app does with several loaded models). With ``--checkpoint`` (single-source
 checkpoints only): its grouped validation split, redrawn from its recipe (``val_fraction``,
 ``seed``; grouped by microscope field). Then for every such field whose smear holds one white cell
 of one labelled type (``dataset-master/labels.csv``):
@@ -45,7 +48,7 @@ from cellhub.evaluation import predict_dataset  # noqa: E402
 from cellhub.fields import analyze_field, whole_field_problem, wilson_interval  # noqa: E402
 from cellhub.hub import load_pretrained  # noqa: E402
 from cellhub.images import InputError, read_image  # noqa: E402
-from cellhub.predict import Predictor  # noqa: E402
+from cellhub.predict import Predictor, consensus  # noqa: E402
 
 
 def _categories(data: Path) -> dict[str, str]:
@@ -58,13 +61,14 @@ def _categories(data: Path) -> dict[str, str]:
     return category
 
 
-def _crop_votes(model, ds, smear_dir: Path) -> tuple[dict[str, Counter], dict[str, str]]:
-    """The model's label votes over each smear's crops in ``ds``, and the crops' true label."""
+def _crop_votes(models, ds, smear_dir: Path) -> tuple[dict[str, Counter], dict[str, str]]:
+    """The models' label votes (their mean probability per crop) over each smear's crops in ``ds``,
+    and the crops' true label."""
     from datasets import Image as HFImage
 
     paths = [x["path"] for x in ds.cast_column("image", HFImage(decode=False))["image"]]
     smear_of = smear_of_crops(paths, smear_dir, default_cache_dir(), False)
-    probs = predict_dataset(model, ds, progress=False)
+    probs = np.mean([predict_dataset(m, ds, progress=False) for m in models], axis=0)
     names = ds.features["label"].names
     votes: dict[str, Counter] = {}
     truth: dict[str, str] = {}
@@ -76,9 +80,9 @@ def _crop_votes(model, ds, smear_dir: Path) -> tuple[dict[str, Counter], dict[st
     return votes, truth
 
 
-def _compare(model, votes, truth, category, smear_dir: Path) -> dict:
+def _compare(models, votes, truth, category, smear_dir: Path) -> dict:
     """Crops (one vote per cell) vs the whole smear photo, on smears of one labelled cell type."""
-    predictor = Predictor(model, name="model")
+    predictors = [Predictor(m, name=f"model-{i + 1}") for i, m in enumerate(models)]
     crop_right = field_right = n = only_crop = only_field = as_crop_right = flagged = 0
     misses = []
     for smear in sorted(votes):
@@ -91,10 +95,10 @@ def _compare(model, votes, truth, category, smear_dir: Path) -> dict:
         photo = read_image(smear_dir / f"{smear}.jpg")
         # the whole photo given where a crop is expected: classified as one crop (the cell-centred
         # crop finds its white cell), and whether predict's check would have said "a whole field"
-        as_crop_right += predictor.predict([photo])[0].label == lab
+        as_crop_right += consensus([p.predict([photo])[0] for p in predictors]).label == lab
         flagged += whole_field_problem(photo, "blood-cells") is not None
         try:
-            res = analyze_field(photo, [predictor], "blood-cells", name=smear)
+            res = analyze_field(photo, predictors, "blood-cells", name=smear)
             wbc = [c for c in res.cells if c.kind == "wbc"]
         except InputError as exc:
             wbc, res = [], None
@@ -132,9 +136,10 @@ def _mcnemar(b: int, c: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/smallcnn-blood-cells")
-    p.add_argument("--cv-run", default=None, metavar="DIR",
+    p.add_argument("--cv-run", action="append", default=None, metavar="DIR",
                    help="a `finetune.py --cv` run folder: score every fold's model on its own held-out fields "
-                        "(out-of-fold; every field once) instead of one checkpoint's validation split")
+                        "(out-of-fold; every field once) instead of one checkpoint's validation split; "
+                        "repeat it for the ensemble of several runs (other seeds)")
     p.add_argument("--data", default="/work/shared/data/blood-cells")
     args = p.parse_args(argv)
     data = Path(args.data)
@@ -142,15 +147,15 @@ def main(argv=None) -> int:
     category = _categories(data)
     dsd = load_cell_dataset(data, task="blood-cells", group_by="field", progress=False)
     if args.cv_run:
-        return _main_cv(Path(args.cv_run), dsd, smear_dir, category)
+        return _main_cv([Path(r) for r in args.cv_run], dsd, smear_dir, category)
     model = load_pretrained(args.checkpoint)
     recipe = model.cellhub_config.get("recipe") or {}
     if " + " in str(recipe.get("dataset", "")):
         p.error(f"{args.checkpoint} was trained on several sources; its validation split cannot be redrawn "
                 "from the Kaggle crops alone. Use --cv-run with its cross-validation run folder.")
     val = ensure_validation(dsd, val_fraction=recipe.get("val_fraction", 0.2), seed=recipe.get("seed", 0))["validation"]
-    votes, truth = _crop_votes(model, val, smear_dir)
-    r = _compare(model, votes, truth, category, smear_dir)
+    votes, truth = _crop_votes([model], val, smear_dir)
+    r = _compare([model], votes, truth, category, smear_dir)
     out = {"checkpoint": args.checkpoint, **_summary("validation_cells", r), "misses": r["misses"]}
     print(json.dumps(out, indent=1))
     print(f"field-differential: crops {r['crops_right']}/{r['cells']} cells right, whole fields "
@@ -158,39 +163,54 @@ def main(argv=None) -> int:
     return 0
 
 
-def _main_cv(run: Path, dsd, smear_dir: Path, category: dict[str, str]) -> int:
-    """Every fold's model on the Kaggle fields its fold held out (``holdout.npz``'s groups)."""
+def _held_out_by(run: Path) -> dict[str, Path]:
+    """Field -> the fold folder of ``run`` that held it out (``holdout.npz``'s groups)."""
+    folds = sorted(run.glob("cv/fold-*/holdout.npz"))
+    if not folds:
+        raise SystemExit(f"{run} holds no finished cross-validation fold (cv/fold-*/holdout.npz).")
+    out: dict[str, Path] = {}
+    for path in folds:
+        with np.load(path, allow_pickle=False) as z:
+            out.update({str(g).split("|", 1)[-1]: path.parent for g in z["groups"]})
+    return out
+
+
+def _main_cv(runs: list[Path], dsd, smear_dir: Path, category: dict[str, str]) -> int:
+    """Every field scored by the fold models (one per run) that held it out."""
     from datasets import concatenate_datasets
 
     pool = dsd["train"]
     if "validation" in dsd:
         pool = concatenate_datasets([pool, dsd["validation"].select_columns(pool.column_names)])
     groups = [g.split("|", 1)[-1] for g in pool["group"]]  # multi-source runs prefix the source name
-    folds = sorted(run.glob("cv/fold-*/holdout.npz"))
-    if not folds:
-        raise SystemExit(f"{run} holds no finished cross-validation fold (cv/fold-*/holdout.npz).")
+    held = [_held_out_by(run) for run in runs]
+    combo_of = [tuple(h.get(g) for h in held) for g in groups]  # which fold of each run held it out
+    combos = sorted({c for c in combo_of if None not in c})
+    if not combos:
+        raise SystemExit(f"no Kaggle field is held out by every one of {', '.join(map(str, runs))}")
+    skipped = sum(None in c for c in combo_of)
     keys = ("cells", "crops_right", "field_right", "only_crops_right", "only_field_right", "field_as_crop_right",
             "field_flagged_as_field")
     total = {**dict.fromkeys(keys, 0),
              "misses": []}
     per_fold = []
-    for path in folds:
-        with np.load(path, allow_pickle=False) as z:
-            held = {str(g).split("|", 1)[-1] for g in z["groups"]}
-        rows = [i for i, g in enumerate(groups) if g in held]
-        model = load_pretrained(path.parent)
-        votes, truth = _crop_votes(model, pool.select(rows), smear_dir)
-        r = _compare(model, votes, truth, category, smear_dir)
-        per_fold.append({"fold": path.parent.name, **_summary("cells", r)})
+    for combo in combos:
+        rows = [i for i, c in enumerate(combo_of) if c == combo]
+        models = [load_pretrained(d) for d in combo]
+        votes, truth = _crop_votes(models, pool.select(rows), smear_dir)
+        r = _compare(models, votes, truth, category, smear_dir)
+        name = " + ".join(f"{d.parent.parent.name}/{d.name}" for d in combo)
+        per_fold.append({"fold": name, **_summary("cells", r)})
         for key in keys:
             total[key] += r[key]
         total["misses"] += r["misses"]
-        print(f"{path.parent.name}: crops {r['crops_right']}/{r['cells']}, fields {r['field_right']}/{r['cells']}",
-              flush=True)
-    out = {"cv_run": str(run), "folds": per_fold, **_summary("cells", total), "misses": total["misses"]}
+        print(f"{name}: crops {r['crops_right']}/{r['cells']}, fields {r['field_right']}/{r['cells']}", flush=True)
+    out = {"cv_runs": [str(r) for r in runs], "folds": per_fold, **_summary("cells", total),
+           "crops_not_held_out_by_every_run": skipped, "misses": total["misses"]}
     print(json.dumps(out, indent=1))
+    cmd = " ".join(f"--cv-run {r}" for r in runs)
     print(f"field-differential (out-of-fold): crops {total['crops_right']}/{total['cells']} cells right, whole "
-          f"fields {total['field_right']}/{total['cells']} cmd='python bench/field_differential.py --cv-run {run}'")
+          f"fields {total['field_right']}/{total['cells']} cmd='python bench/field_differential.py {cmd}'")
     return 0
 
 

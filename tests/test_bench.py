@@ -144,3 +144,18 @@ def test_cv_ensemble_matches_images_across_folds_and_averages(tmp_path: Path) ->
         cv_ensemble.ensemble([a, other])
     with pytest.raises(SystemExit, match="no held-out image of source"):
         cv_ensemble.ensemble([a, b], source="pbc")
+
+
+def test_field_differential_knows_which_fold_held_out_each_field(tmp_path: Path) -> None:
+    from field_differential import _held_out_by
+
+    from cellhub.training.cv import fold_dir
+    from cellhub.training.state import save_holdout
+
+    for i, groups in enumerate([["blood-cells|f1", "blood-cells|f2"], ["blood-cells|f3", "pbc|p9"]]):
+        save_holdout(fold_dir(tmp_path, i), np.full((len(groups), 2), 0.5), np.zeros(len(groups), int), groups)
+    held = _held_out_by(tmp_path)
+    assert held["f1"] == held["f2"] == fold_dir(tmp_path, 0) and held["f3"] == fold_dir(tmp_path, 1)
+    assert held["p9"] == fold_dir(tmp_path, 1)  # other sources' groups are there too, unused
+    with pytest.raises(SystemExit, match="no finished cross-validation fold"):
+        _held_out_by(tmp_path / "empty")
