@@ -178,6 +178,18 @@ def test_bad_settings_fail_early():
         TrainConfig(dataset="x", epochs=0).validate()
     with pytest.raises(ValueError, match="select_metric"):
         TrainConfig(dataset="x", select_metric="auc").validate()
+    with pytest.raises(ValueError, match="select_from_epoch"):
+        TrainConfig(dataset="x", epochs=4, select_from_epoch=5).validate()
+
+
+def test_the_saved_epoch_is_chosen_from_select_from_epoch_on(blood, tmp_path):
+    kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20, save_checkpoints=False)
+    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", select_from_epoch=3, **kw))
+    assert m["best_epoch"] == 3
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["best"] for h in history] == [False, False, True]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["cellhub"]["recipe"]["select_from_epoch"] == 3
 
 
 def test_model_from_checkpoint_keeps_the_backbone_and_replaces_a_foreign_head(tmp_path):

@@ -90,6 +90,8 @@ class TrainConfig:
     cv_fold: int | None = _opt(None, "cross-validation fold of this run", "data", cli=False)
     select_metric: str = _opt("macro_f1", "grouped-validation score that picks the saved epoch", "optimisation",
                               choices=SELECT_METRICS)
+    select_from_epoch: int = _opt(1, "the saved epoch is chosen among epochs >= this one (the first epochs of a "
+                                     "schedule can win a small validation split by chance)", "optimisation")
     abstention_target: float = _opt(0.99, "the abstention threshold keeps validation predictions at least "
                                           "this accurate", "optimisation")
     num_workers: int | None = _opt(None, "DataLoader workers (default: by machine)", "run")
@@ -133,6 +135,8 @@ class TrainConfig:
             raise ValueError(f"cv_fold {self.cv_fold} needs cv > cv_fold (cv is {self.cv}).")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"select_metric {self.select_metric!r} unknown; choose one of {', '.join(SELECT_METRICS)}.")
+        if not 1 <= self.select_from_epoch <= self.epochs:
+            raise ValueError(f"select_from_epoch must be between 1 and epochs ({self.epochs}), got {self.select_from_epoch}.")
         if not 0.0 < self.abstention_target <= 1.0:
             raise ValueError(f"abstention_target must be in (0, 1], got {self.abstention_target}.")
         if self.mixed_precision not in MIXED_PRECISION:

@@ -321,7 +321,7 @@ def _train_epoch(run: _Run, epoch: int, best: dict[str, Any]) -> tuple[dict[str,
            "lr": float(run.scheduler.get_last_lr()[0]), "seconds": round(seconds, 2),
            "images_per_second": round(float(tot[2]) / max(seconds, 1e-9), 1)}
     score = _score(val, cfg.select_metric)
-    if score > best["score"]:
+    if epoch + 1 >= cfg.select_from_epoch and score > best["score"]:
         best = {"score": score, "epoch": epoch + 1, "state": state_dict_cpu(run.raw_model)}
     rec["best"] = best["epoch"] == epoch + 1
     if run.is_main:
