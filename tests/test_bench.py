@@ -159,3 +159,44 @@ def test_field_differential_knows_which_fold_held_out_each_field(tmp_path: Path)
     assert held["p9"] == fold_dir(tmp_path, 1)  # other sources' groups are there too, unused
     with pytest.raises(SystemExit, match="no finished cross-validation fold"):
         _held_out_by(tmp_path / "empty")
+
+
+def test_cv_tta_scores_a_folds_held_out_files_and_reproduces_its_own_accuracy(tmp_path: Path) -> None:
+    """bench/cv_tta.py finds each held-out file through the data loader, predicts it with the fold's
+    model, and its plain view reproduces the holdout's own accuracy."""
+    import torch
+    import cv_tta
+
+    from cellhub import create_model, hub
+    from cellhub.data import load_cell_dataset
+    from cellhub.predict import Predictor
+    from cellhub.synthetic import draw_malaria_cell
+    from cellhub.training.cv import fold_dir
+    from cellhub.training.state import save_holdout
+
+    data = tmp_path / "malaria"
+    for label, folder in (("parasitized", "Parasitized"), ("uninfected", "Uninfected")):
+        (data / folder).mkdir(parents=True)
+        for k in range(3):
+            draw_malaria_cell(label, size=48, seed=k)[0].save(data / folder / f"C{k}P{k}_cell_{k}.png")
+    torch.manual_seed(0)
+    model = create_model("smallcnn", "malaria", pretrained=False, image_size=32)
+    fold = hub.save_pretrained(model, fold_dir(tmp_path / "run", 0))
+    ds = load_cell_dataset(data, task="malaria", progress=False)["train"]
+    files, y = [str(f) for f in ds["file"]], np.array(ds["label"])
+    from datasets import Image as HFImage
+    paths = [x["path"] for x in ds.cast_column("image", HFImage(decode=False))["image"]]
+    pred = Predictor(hub.load_pretrained(fold), name="m").predict(paths)
+    labels = list(model.cellhub_config["labels"])
+    probs = np.array([[p.probs[lab] for lab in labels] for p in pred])
+    save_holdout(fold, probs, y, [f"malaria|{g}" for g in ds["group"]], files)
+    own = float((probs.argmax(1) == y).mean())
+    correct = cv_tta.fold_predictions(fold, [Path(cv_tta.source_files([data], "malaria")[("malaria", f)]) for f in files], y)
+    assert correct["plain"].mean() == pytest.approx(own)
+    assert set(correct) == {"plain", "flips4", "dihedral8"} and len(correct["flips4"]) == len(y)
+    other = tmp_path / "other" / "malaria"  # a source of the same name holding other files
+    for folder in ("Parasitized", "Uninfected"):
+        (other / folder).mkdir(parents=True)
+        draw_malaria_cell(folder.lower(), size=48, seed=9)[0].save(other / folder / "C9P9_cell_9.png")
+    with pytest.raises(SystemExit, match="in none of the --data folders"):
+        cv_tta.main([str(tmp_path / "run"), "--data", str(other)])
