@@ -21,18 +21,30 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cellhub.training.cv import fold_dir  # noqa: E402
-from cellhub.training.state import load_holdout  # noqa: E402
+from cellhub.training.state import holdout_files, load_holdout  # noqa: E402
+
+
+def fold_holdouts(run: Path, with_files: bool = False):
+    """Yield ``(fold folder, probabilities, labels, groups, files)`` for each fold of a finished CV
+    run, in order (``files`` is None unless ``with_files``); an unfinished fold is an error."""
+    i = 0
+    while fold_dir(run, i).is_dir():
+        fold = fold_dir(run, i)
+        held = load_holdout(fold)
+        files = holdout_files(fold) if with_files else None
+        if held is None or (with_files and files is None):
+            raise SystemExit(f"{fold} has no holdout.npz" + (" with the held-out files" if with_files else "")
+                             + ": the fold is unfinished, or older than that record (rerun with --resume).")
+        yield (fold, *held, files)
+        i += 1
+    if i == 0:
+        raise SystemExit(f"{run} holds no cv/fold-1: not a --cv run folder.")
 
 
 def load_run(run: Path, source: str | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per fold (probabilities, labels, groups) of a finished CV run, optionally one source only."""
     folds = []
-    i = 0
-    while fold_dir(run, i).is_dir():
-        held = load_holdout(fold_dir(run, i))
-        if held is None:
-            raise SystemExit(f"{fold_dir(run, i)} has no holdout.npz: the fold is unfinished (rerun with --resume).")
-        p, y, g = held
+    for i, (_, p, y, g, _) in enumerate(fold_holdouts(run)):
         g = np.asarray(g)
         if source is not None:
             keep = np.array([str(x).split("|", 1)[0] == source for x in g], dtype=bool)
@@ -41,9 +53,6 @@ def load_run(run: Path, source: str | None) -> list[tuple[np.ndarray, np.ndarray
                                  f"sources there: {sorted({str(x).split('|', 1)[0] for x in g})}")
             p, y, g = p[keep], y[keep], g[keep]
         folds.append((p, y, g))
-        i += 1
-    if not folds:
-        raise SystemExit(f"{run} holds no cv/fold-1: not a --cv run folder.")
     return folds
 
 

@@ -25,31 +25,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cv_compare import paired_difference  # noqa: E402
+from cv_compare import fold_holdouts, paired_difference  # noqa: E402
 
 from cellhub.metrics import classification_metrics  # noqa: E402
-from cellhub.training.cv import fold_dir  # noqa: E402
-from cellhub.training.state import holdout_files, load_holdout  # noqa: E402
 
 
 def run_predictions(run: Path) -> dict[tuple[str, str], tuple[np.ndarray, int, str]]:
     """``(source, file) -> (probabilities, label, group)`` over every fold of a finished CV run."""
     out: dict[tuple[str, str], tuple[np.ndarray, int, str]] = {}
-    i = 0
-    while fold_dir(run, i).is_dir():
-        held = load_holdout(fold_dir(run, i))
-        files = holdout_files(fold_dir(run, i))
-        if held is None or files is None:
-            raise SystemExit(f"{fold_dir(run, i)}: no holdout.npz with the held-out files (an unfinished fold, "
-                             "or a run older than the files record); rerun it with --resume.")
-        for p, y, g, f in zip(*held, files):
+    for _, probs, labels, groups, files in fold_holdouts(run, with_files=True):
+        for p, y, g, f in zip(probs, labels, groups, files):
             key = (str(g).split("|", 1)[0], f)
             if key in out:
                 raise SystemExit(f"{run}: {key[1]} of source {key[0]} is held out twice: not a K-fold run.")
             out[key] = (np.asarray(p, dtype=np.float64), int(y), str(g))
-        i += 1
-    if not out:
-        raise SystemExit(f"{run} holds no cv/fold-1: not a --cv run folder.")
     return out
 
 

@@ -24,13 +24,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cv_compare import paired_difference  # noqa: E402
+from cv_compare import fold_holdouts, paired_difference  # noqa: E402
 
 from cellhub.data import load_cell_dataset  # noqa: E402
 from cellhub.hub import load_pretrained  # noqa: E402
 from cellhub.images import read_image  # noqa: E402
 from cellhub.training.cv import fold_dir  # noqa: E402
-from cellhub.training.state import holdout_files, load_holdout  # noqa: E402
 from cellhub.transforms import eval_transform, resolve_data_config  # noqa: E402
 
 VIEWS = ("plain", "flips4", "dihedral8")
@@ -89,26 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     where = source_files(dirs, task)
     correct = {v: [] for v in VIEWS}
     groups: list[str] = []
-    i = 0
-    while fold_dir(args.run, i).is_dir():
-        held, files = load_holdout(fold_dir(args.run, i)), holdout_files(fold_dir(args.run, i))
-        if held is None or files is None:
-            raise SystemExit(f"{fold_dir(args.run, i)}: no holdout.npz with the held-out files; rerun the fold with --resume.")
-        probs, y, g = held
+    for i, (fold, probs, y, g, files) in enumerate(fold_holdouts(args.run, with_files=True)):
         src = [str(x).split("|", 1)[0] if "|" in str(x) else dirs[0].name for x in g]
         keep = [k for k in range(len(y)) if args.source is None or src[k] == args.source]
         missing = [files[k] for k in keep if (src[k], files[k]) not in where]
         if missing:
             raise SystemExit(f"fold {i + 1}: {len(missing)} held-out images are in none of the --data folders "
                              f"({', '.join(d.name for d in dirs)}), e.g. {missing[0]}: give each source folder of the run.")
-        c = fold_predictions(fold_dir(args.run, i), [where[(src[k], files[k])] for k in keep], np.asarray(y)[keep])
+        c = fold_predictions(fold, [where[(src[k], files[k])] for k in keep], np.asarray(y)[keep])
         own = float((np.asarray(probs)[keep].argmax(1) == np.asarray(y)[keep]).mean())
         print(f"fold {i + 1}: {len(keep)} images (the run's own accuracy {own:.4f})  "
               + "  ".join(f"{v} {c[v].mean():.4f}" for v in VIEWS), flush=True)
         for v in VIEWS:
             correct[v].append(c[v])
         groups += [str(g[k]) for k in keep]
-        i += 1
     if not groups:
         raise SystemExit(f"{args.run}: no held-out image" + (f" of source {args.source!r}" if args.source else ""))
     g = np.array(groups)
