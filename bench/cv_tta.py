@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cv_compare import fold_holdouts, paired_difference  # noqa: E402
 
-from cellhub.data import load_cell_dataset  # noqa: E402
+from cellhub.data import image_paths, load_cell_dataset  # noqa: E402
 from cellhub.hub import load_pretrained  # noqa: E402
 from cellhub.images import read_image  # noqa: E402
 from cellhub.training.cv import fold_dir  # noqa: E402
@@ -61,15 +61,13 @@ def fold_predictions(fold: Path, paths: list[Path], y: np.ndarray, batch: int = 
 def source_files(dirs: list[Path], task: str) -> dict[tuple[str, str], Path]:
     """``(source, file) -> image path`` for the train/validation images of each source folder (the
     source is the folder's name, as a multi-source run names it)."""
-    from datasets import Image as HFImage
-
     out: dict[tuple[str, str], Path] = {}
     for d in dirs:
         dsd = load_cell_dataset(d, task=task, progress=False)
         for split in ("train", "validation"):
             if split in dsd:
-                ds = dsd[split].cast_column("image", HFImage(decode=False))
-                out.update({(d.name, str(f)): Path(x["path"]) for f, x in zip(ds["file"], ds["image"])})
+                ds = dsd[split]
+                out.update({(d.name, str(f)): Path(p) for f, p in zip(ds["file"], image_paths(ds))})
     return out
 
 

@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cellhub.cache import default_cache_dir  # noqa: E402
-from cellhub.data import ensure_validation, load_cell_dataset  # noqa: E402
+from cellhub.data import ensure_validation, image_paths, load_cell_dataset  # noqa: E402
 from cellhub.data.groups import smear_of_crops  # noqa: E402
 from cellhub.evaluation import predict_dataset  # noqa: E402
 from cellhub.fields import analyze_field, whole_field_problem, wilson_interval  # noqa: E402
@@ -64,9 +64,7 @@ def _categories(data: Path) -> dict[str, str]:
 def _crop_votes(models, ds, smear_dir: Path) -> tuple[dict[str, Counter], dict[str, str]]:
     """The models' label votes (their mean probability per crop) over each smear's crops in ``ds``,
     and the crops' true label."""
-    from datasets import Image as HFImage
-
-    paths = [x["path"] for x in ds.cast_column("image", HFImage(decode=False))["image"]]
+    paths = image_paths(ds)
     smear_of = smear_of_crops(paths, smear_dir, default_cache_dir(), False)
     probs = np.mean([predict_dataset(m, ds, progress=False) for m in models], axis=0)
     names = ds.features["label"].names

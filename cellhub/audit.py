@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
-from .data import load_cell_dataset, split_by_group
+from .data import image_paths, image_refs, load_cell_dataset, split_by_group
 from .data.groups import field_of_smears, smear_of_crops
 
 __all__ = ["audit_dataset", "format_report", "image_hashes"]
@@ -75,10 +75,9 @@ def _hash_one(item: dict[str, Any]) -> tuple[str, np.ndarray]:
 
 def image_hashes(ds, *, progress: bool = True, workers: int | None = None) -> tuple[list[str], np.ndarray]:
     """md5 of every image's bytes and an ``(N, 8, 4)`` uint64 array: 256-bit pHash of each rotation/flip."""
-    from datasets import Image
     from tqdm.auto import tqdm
 
-    items = list(ds.cast_column("image", Image(decode=False))["image"])
+    items = image_refs(ds)
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         out = list(tqdm(pool.map(_hash_one, items, chunksize=32), total=len(items), desc="hashing images",
@@ -185,8 +184,6 @@ def _levels(dsd, report, groups: dict[str, np.ndarray], cache_dir, progress: boo
     Also ``smear_of`` (split -> source smear per crop, ``None`` unmatched) for naming re-imaged fields."""
     if report.group_by not in ("field", "smear") or not report.smear_dir:
         return {report.group_by or "group": {s: list(g) for s, g in groups.items()}}
-    from datasets import Image
-
     from .cache import default_cache_dir
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -194,7 +191,7 @@ def _levels(dsd, report, groups: dict[str, np.ndarray], cache_dir, progress: boo
     fields = field_of_smears(smear_dir, cache, progress)
     smear_level, field_level, smear_of = {}, {}, {}
     for split, g in groups.items():
-        paths = [x["path"] for x in dsd[split].cast_column("image", Image(decode=False))["image"]]
+        paths = image_paths(dsd[split])
         found = smear_of_crops(paths, smear_dir, cache, progress)  # cached by the load
         sm = [found.get(p) for p in paths]
         smear_of[split] = sm

@@ -43,10 +43,8 @@ def _row_reader(dataset: Any) -> tuple[Any, Any]:
         return (lambda idx: [pixels[i] for i in idx]), (lambda _i, px: px)
     if "image" not in dataset.column_names:
         raise ValueError(f"Need an 'image' or 'pixels' column; the split has {dataset.column_names}.")
-    from datasets import Image as HFImage
-
     feature = dataset.features["image"]
-    raw = dataset.select_columns(["image"]).cast_column("image", HFImage(decode=False))
+    raw = data_mod.undecoded(dataset)
 
     def read(idx: list[int]) -> list[Any]:
         return raw[idx[0] : idx[-1] + 1]["image"]  # iter_decoded hands contiguous chunks

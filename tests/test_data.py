@@ -421,3 +421,37 @@ def test_group_by_field_merges_smears_of_one_field(blood_root, truth_matcher, mo
     assert len(calls) == 1  # computed once, then cached
     with pytest.raises(ValueError, match="group_by"):
         load_cell_dataset(blood_root, group_by="cell")
+
+
+def test_image_refs_paths_and_local_files_follow_row_order(tmp_path):
+    """The undecoded readers give each row's own file, after shuffle/select, and tell files from bytes."""
+    from datasets import Dataset, Features, Image as HFImage, Value
+
+    from cellhub.data import image_paths, image_refs, local_files, undecoded
+
+    files = []
+    for i in range(5):
+        p = tmp_path / f"cell_{i}.png"
+        Image.new("RGB", (8 + i, 8), (10 * i, 0, 0)).save(p)
+        files.append(str(p))
+    ds = Dataset.from_dict({"image": files, "n": list(range(5))},
+                           features=Features(image=HFImage(), n=Value("int64")))
+    order = ds.shuffle(seed=3).select([4, 0, 2])
+    expect = [files[n] for n in order["n"]]
+    assert image_paths(order) == expect
+    assert local_files(order) == expect
+    assert [r["path"] for r in image_refs(order)] == expect
+    assert undecoded(order)[0]["image"] == {"path": expect[0], "bytes": None}
+    assert image_paths(ds.select([])) == [] and local_files(ds.select([])) is None
+
+    # bytes embedded (a saved / Parquet dataset): no local files, the bytes are handed out
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    embedded = Dataset.from_dict({"image": [{"bytes": buf.getvalue(), "path": None}]}, features=Features(image=HFImage()))
+    assert local_files(embedded) is None and image_paths(embedded) == [None]
+    assert image_refs(embedded)[0]["bytes"] == buf.getvalue()
+
+    with pytest.raises(ValueError, match="no 'picture' column"):
+        image_paths(ds, "picture")
+    with pytest.raises(ValueError, match="not images"):
+        image_paths(ds, "n")

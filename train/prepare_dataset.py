@@ -153,10 +153,10 @@ def write_repo_folder(dsd, report: LoadReport, out_dir: str | Path, *, repo_id: 
 
 
 def _external_bytes(ds) -> int:
-    from datasets import Image
+    from cellhub.data import image_refs
 
     total = 0
-    for x in ds.cast_column("image", Image(decode=False))["image"]:
+    for x in image_refs(ds):
         if x and x.get("path") and not x.get("bytes"):
             try:
                 total += Path(x["path"]).stat().st_size

@@ -18,7 +18,7 @@ split between training and evaluation (the slide/patient for malaria, the source
 cells). :func:`split_by_group` draws a validation split that respects it.
 
 Inside the package, bottom to top: ``report`` (LoadReport, DatasetLayoutError), ``layouts``
-(what a folder looks like), ``groups`` (the unit a split must respect), ``splits`` (grouped
+(what a folder looks like), ``refs`` (where a split's images are stored, nothing decoded), ``groups`` (the unit a split must respect), ``splits`` (grouped
 splits), ``resized`` (decode once; the torch dataset over a split), ``sources`` (load from a
 folder, a saved dataset or the Hub).
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from ..cache import default_cache_dir
 from ..images import IMAGE_EXTENSIONS, check_image
+from .refs import image_paths, image_refs, local_files, undecoded
 from .report import DatasetLayoutError, LoadReport
 from .resized import CACHE_INTERPOLATION, ImageRowDataset, cache_resized, pixels_array
 from .sources import infer_task, load_cell_dataset
@@ -47,4 +48,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "default_cache_dir",
     "check_image",
+    "undecoded",
+    "image_refs",
+    "image_paths",
+    "local_files",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from ..cache import atomic_write_json, default_cache_dir, file_identity, read_json, update_with_files
+from .refs import local_files, undecoded
 
 __all__ = ["cache_resized", "pixels_array", "ImageRowDataset", "CACHE_INTERPOLATION"]
 
@@ -63,7 +64,6 @@ def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> l
     """The cell-centred crop box of every row (:func:`cellhub.transforms.cell_box`), found once per
     image file: boxes are kept in ``cache_root/cellboxes-<spec>.json`` keyed by path, size and
     mtime, so the folds of a cross-validation (each its own subset) only crop and resize."""
-    from datasets import Image
     from tqdm.auto import tqdm
 
     from ..transforms import cell_box
@@ -71,7 +71,7 @@ def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> l
     store_path = cache_root / f"cellboxes-{_crop_tag(spec)}.json"
     store = read_json(store_path, {}, warn=True)
     store = store if isinstance(store, dict) else {}
-    raw = ds.select_columns(["image"]).cast_column("image", Image(decode=False))
+    raw = undecoded(ds)
     boxes, added = [], 0
     for row in tqdm(raw, total=len(raw), desc="finding the cells", unit="img", disable=not progress,
                     mininterval=1.0):
@@ -99,10 +99,8 @@ def _dataset_key(ds) -> str:
     h = hashlib.sha1()
     h.update(json.dumps(ds.features.to_dict(), sort_keys=True, default=str).encode())
     if "image" in ds.column_names and isinstance(ds.features["image"], Image):
-        col = ds.select_columns(["image"]).cast_column("image", Image(decode=False)).with_format("arrow")[:]["image"]
-        col = col.combine_chunks()
-        paths = col.field("path").to_pylist()
-        if len(ds) and all(paths) and col.field("bytes").null_count == len(ds):  # images are local files
+        paths = local_files(ds)
+        if paths is not None:  # images are local files
             update_with_files(h, paths)
             h.update(json.dumps([list(ds[c]) for c in ("label", "group") if c in ds.column_names]).encode())
             return h.hexdigest()[:20]

@@ -23,6 +23,7 @@ from ..images import check_image, is_image_file
 from ..tasks import TASKS, Task, get_task, malaria_group
 from .groups import GROUP_BY, groups_for
 from .layouts import SPLIT_ORDER, expected_text, find_layout, find_smear_dir, is_hidden, pick_task, split_name
+from .refs import image_paths
 from .report import DatasetLayoutError, LoadReport
 
 __all__ = ["load_cell_dataset", "infer_task"]
@@ -177,14 +178,14 @@ def _via_imagefolder(paths: list[str], labels: list[int], groups: list[str], fil
     imagefolder names classes after the folders, sorted alphabetically; rows are matched back to
     our labels/groups by path, so the task's label order is what comes out.
     """
-    from datasets import Image, load_dataset
+    from datasets import load_dataset
 
     kwargs: dict[str, Any] = {}
     if cache_dir is not None:
         kwargs["cache_dir"] = str(Path(cache_dir) / "hf-datasets")
     raw = load_dataset("imagefolder", data_files={"train": paths}, split="train", drop_labels=True, **kwargs)
     info = {p: (lab, g, f) for p, lab, g, f in zip(paths, labels, groups, files)}
-    raw_paths = [os.path.abspath(x["path"]) for x in raw.cast_column("image", Image(decode=False))["image"]]
+    raw_paths = [os.path.abspath(p) for p in image_paths(raw)]
     missing = [p for p in raw_paths if p not in info]
     if missing:  # pragma: no cover - imagefolder returned a file we did not give it
         raise RuntimeError(f"imagefolder returned unexpected files, e.g. {missing[0]}")
@@ -253,9 +254,7 @@ def _normalize_external(dsd, task: Task | None, report: LoadReport, *, source: s
         else:  # the stored file name of each image, when the dataset kept one
             img_paths: list[str | None] = [None] * len(ds)
             if isinstance(ds.features[img_col], Image):
-                paths_only = ds.select_columns([img_col]).cast_column(img_col, Image(decode=False)).with_format("arrow")
-                column = paths_only[:][img_col]  # a pyarrow table slice: respects select()/shuffle()
-                img_paths = column.combine_chunks().field("path").to_pylist()
+                img_paths = image_paths(ds, img_col)
             files = [Path(p).name if p else f"{split}/{i:06d}" for i, p in enumerate(img_paths)]
         groups = _external_groups(ds, files, task, report, split, source)
         ds = ds.select_columns([img_col])

@@ -229,12 +229,11 @@ def cache_size(ds: Any, size: int) -> tuple[int, int]:
     scaled to ``size`` keeping the aspect; mixed sizes (malaria cells, several sources) are cached
     square, each image centre-cropped as the eval transform does (:func:`cellhub.data.cache_resized`).
     """
-    from datasets import Image as HFImage
     from PIL import Image
 
     if "image" not in ds.column_names or len(ds) == 0:
         return size, size
-    raw = ds.cast_column("image", HFImage(decode=False))
+    raw = data.undecoded(ds)
     idx = np.linspace(0, len(ds) - 1, num=min(len(ds), 32)).astype(int)
     shapes = set()
     for i in idx:

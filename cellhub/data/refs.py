@@ -1,0 +1,51 @@
+"""Where a dataset's images are stored, read without decoding one.
+
+A ``datasets`` image column decodes to PIL on every access. Code that needs only the files behind a
+split (hashing, smear matching, cache keys, file names, sizes) reads them here instead: one Arrow read
+of the column cast to ``Image(decode=False)``, which respects ``select()``/``shuffle()``/``filter()``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["undecoded", "image_refs", "image_paths", "local_files"]
+
+
+def undecoded(ds: Any, column: str = "image") -> Any:
+    """``ds`` reduced to ``column``, cast so that a row gives ``{"path": ..., "bytes": ...}``."""
+    from datasets import Image
+
+    if column not in ds.column_names:
+        raise ValueError(f"The dataset has no {column!r} column (columns: {ds.column_names}).")
+    if not isinstance(ds.features[column], Image):
+        raise ValueError(f"Column {column!r} holds {type(ds.features[column]).__name__}, not images.")
+    return ds.select_columns([column]).cast_column(column, Image(decode=False))
+
+
+def _struct(ds: Any, column: str) -> Any:
+    import pyarrow as pa
+
+    raw = undecoded(ds, column)
+    if len(raw) == 0:
+        return pa.array([], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    col = raw.with_format("arrow")[:][column]
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def image_refs(ds: Any, column: str = "image") -> list[dict[str, Any]]:
+    """Each row's stored image as ``{"path": str | None, "bytes": bytes | None}``, in row order."""
+    return _struct(ds, column).to_pylist()
+
+
+def image_paths(ds: Any, column: str = "image") -> list[str | None]:
+    """Each row's image file path (``None`` where the image is stored only as bytes), in row order."""
+    return _struct(ds, column).field("path").to_pylist()
+
+
+def local_files(ds: Any, column: str = "image") -> list[str] | None:
+    """Every row's image file path when all of them are files on disk (no embedded bytes), else ``None``."""
+    col = _struct(ds, column)
+    paths = col.field("path").to_pylist()
+    if len(col) and all(paths) and col.field("bytes").null_count == len(col):
+        return paths
+    return None
