@@ -67,6 +67,9 @@ def ensemble(runs: list[Path], source: str | None = None, n_boot: int = 2000) ->
     return {"runs": [float(c.mean()) for c in correct], "ensemble": float(mean_ok.mean()),
             "ensemble_ci95": m["ci95"], "ensemble_macro_f1": m["macro_f1"],
             "ensemble_recall": [m["per_class"][str(k)]["recall"] for k in range(n_labels)],
+            "ensemble_auc": m.get("auc"),
+            "runs_auc": [classification_metrics(y, p, [str(k) for k in range(n_labels)], groups, n_boot=0).get("auc")
+                         for p in probs] if n_labels == 2 else None,
             "agree": float(agree.mean()), "agree_accuracy": float(mean_ok[agree].mean()) if agree.any() else None,
             "ensemble_minus_a": diff, "ci95": ci, "b_minus_a": seed_diff, "b_minus_a_ci95": seed_ci,
             "n_images": len(keys), "n_groups": len(set(groups.tolist()))}
@@ -86,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     pts = lambda d, ci: f"{100 * d:+.2f} points [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"  # noqa: E731
     lo, hi = r["ensemble_ci95"]
     print(f"ensemble of {len(args.runs)}: {r['ensemble']:.4f} [{lo:.4f}, {hi:.4f}] (group bootstrap), macro-F1 "
-          f"{r['ensemble_macro_f1']:.4f}, recall per class " + " ".join(f"{x:.3f}" for x in r["ensemble_recall"]))
+          f"{r['ensemble_macro_f1']:.4f}, recall per class " + " ".join(f"{x:.3f}" for x in r["ensemble_recall"])
+          + (f", AUC {r['ensemble_auc']:.4f} (runs: " + ", ".join(f"{a:.4f}" for a in r["runs_auc"]) + ")"
+             if r["ensemble_auc"] is not None and r["runs_auc"] else ""))
     print(f"ensemble - A = {pts(r['ensemble_minus_a'], r['ci95'])}; "
           f"B - A = {pts(r['b_minus_a'], r['b_minus_a_ci95'])} (paired bootstrap over {r['n_groups']} groups, "
           f"{r['n_images']} images" + (f", source {args.source}" if args.source else "") + ")")

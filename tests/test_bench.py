@@ -139,6 +139,7 @@ def test_cv_ensemble_matches_images_across_folds_and_averages(tmp_path: Path) ->
     assert r["ensemble"] == 1.0 and r["n_images"] == 8 and r["n_groups"] == 4
     assert r["agree"] == 5 / 8 and r["agree_accuracy"] == 1.0  # they disagree on i1, i2, i3
     assert r["ensemble_minus_a"] == pytest.approx(0.25) and r["ci95"][0] <= 0.25 <= r["ci95"][1]
+    assert r["runs_auc"] == [pytest.approx(15 / 16), pytest.approx(1.0)] and r["ensemble_auc"] == pytest.approx(1.0)
     other = run(tmp_path / "c", [(["i0", "i1", "i2", "i3"], [0.1] * 4), (["i4", "i5", "i6", "i9"], [0.1] * 4)])
     with pytest.raises(SystemExit, match="never held out 1"):
         cv_ensemble.ensemble([a, other])
