@@ -1,7 +1,7 @@
 """Accuracy of the field detector (``cellhub.detect``) and of whole-field analysis on real fields.
 
     python bench/field_accuracy.py --part tune                 # what the defaults were tuned on
-    python bench/field_accuracy.py --part heldout --pbc 300 --malaria checkpoints/smallcnn-malaria
+    python bench/field_accuracy.py --part heldout --pbc 300 --malaria checkpoints/smallcnn-malaria [MORE ...]
 
 Data (see /work/shared/data/README.md): the 304 BCCD fields that have full VOC boxes
 (``bccd-boxes/Annotations``; the images are ``blood-cells/.../JPEGImages``). Fields without an
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=["tune", "heldout"], default="tune")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="DetectParams overrides (tuning)")
     ap.add_argument("--pbc", type=int, default=0, help="also run on this many PBC images (seeded sample)")
-    ap.add_argument("--malaria", default=None, help="malaria checkpoint: parasitemia on the fields")
+    ap.add_argument("--malaria", nargs="+", default=None, metavar="CHECKPOINT",
+                    help="malaria checkpoint(s): parasitemia on the fields (several: their consensus, as the app)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N fields of the part")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.malaria:
         from cellhub.predict import Predictor
 
-        predictors = [Predictor.from_pretrained(args.malaria)]
+        predictors = [Predictor.from_pretrained(c) for c in args.malaria]
     res = bccd(ids, params, predictors, args.verbose)
     if args.pbc:
         res.update(pbc(args.pbc, params))
