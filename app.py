@@ -158,9 +158,16 @@ def consensus_markdown(cons: Consensus, n_models: int) -> str:
     return f"{head}\n\n{body}{notes}"
 
 
+def heat_map_name(p: Predictor | None) -> str:
+    """What the model's heat map is: Grad-CAM, or an occlusion map where its CAM does not localise."""
+    return "occlusion map" if p is not None and p.cam_method == "occlusion" else "Grad-CAM"
+
+
 def model_header(p: Predictor, pred: Prediction) -> str:
     flag = " · ⚠️ under threshold" if pred.abstain else ""
     no_cam = "" if pred.cam is not None else " · no Grad-CAM for this model type"
+    if pred.cam is not None and p.cam_method == "occlusion":
+        no_cam = " · heat map: occlusion (where hiding a patch lowers the probability most)"
     return (
         f"#### {p.name}\n{pred.label} ({pred.confidence:.1%}) · {_fmt_seconds(pred.seconds)} · "
         f"threshold {_threshold_text(p)}{flag}{no_cam}"
@@ -358,7 +365,7 @@ def show_slots(state: AppState, task: str | None) -> list[Any]:
         updates += [
             gr.update(value=f"#### {name}" if p else "", visible=p is not None),
             gr.update(value=None, label=f"{name}: probabilities", visible=p is not None),
-            gr.update(value=None, label=f"{name}: Grad-CAM of the predicted class", visible=p is not None),
+            gr.update(value=None, label=f"{name}: {heat_map_name(p)} of the predicted class", visible=p is not None),
         ]
     return updates
 
@@ -561,7 +568,7 @@ def _single_tab(state: AppState) -> tuple[gr.Image, gr.Button, list[gr.component
                     ),
                     gr.Image(
                         format="png",
-                        label=f"{name}: Grad-CAM of the predicted class",
+                        label=f"{name}: {heat_map_name(first[i] if i < len(first) else None)} of the predicted class",
                         visible=bool(name),
                         interactive=False,
                         elem_id=f"model-{i}-cam",

@@ -8,6 +8,12 @@ Two ways to compute the same Grad-CAM map:
   one forward pass gives the logits *and* the maps of every class, no backward pass needed.
 * **pytorch-grad-cam** (the ``grad-cam`` package) for any other head (VGG16's convolutional MLP).
 
+Neither localises when the last feature map is a handful of units that each see the whole image:
+EfficientNet-Lite0 at 128 px has a 4x4 map, and the bundled PBC model puts its evidence in one
+corner unit whatever the cell. For such models (``cellhub.models`` registry: ``cam_method``)
+:func:`occlusion_maps` measures instead how much the class probability drops when each patch of
+the input is hidden: model-agnostic, one batched forward pass per patch position.
+
 Both return maps in ``[0, 1]`` at the model's input size, normalised the way pytorch-grad-cam
 does (per map: ReLU, min-max, bilinear upsampling, min-max), so the two agree for GAP+linear
 heads (``tests/test_cam.py`` checks a correlation >= 0.999).
@@ -29,6 +35,7 @@ from .models import cam_layer, is_gap_linear_head
 
 __all__ = [
     "gradcam",
+    "occlusion_maps",
     "class_activation_maps",
     "supports_exact_cam",
     "NotGapLinearError",
@@ -38,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["auto", "exact", "gradcam"]
+Method = Literal["auto", "exact", "gradcam", "occlusion"]
 
 
 def _linear_head(model: nn.Module) -> nn.Linear | None:
@@ -177,13 +184,14 @@ def gradcam(
 
     ``class_idx``: one class for all images, one per image, or ``None`` for each image's
     predicted class. ``method``: ``"exact"`` (GAP+linear heads, forward pass only),
-    ``"gradcam"`` (pytorch-grad-cam, any head) or ``"auto"`` (exact when the head allows it).
+    ``"gradcam"`` (pytorch-grad-cam, any head), ``"auto"`` (exact when the head allows it) or
+    ``"occlusion"`` (:func:`occlusion_maps`, any model; no layer needed).
     With ``return_logits=True`` also returns the logits of the same forward pass.
     """
     if x.ndim != 4:
         raise ValueError(f"expected a batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
-    if method not in ("auto", "exact", "gradcam"):
-        raise ValueError(f"unknown CAM method {method!r}; choose 'auto', 'exact' or 'gradcam'")
+    if method not in ("auto", "exact", "gradcam", "occlusion"):
+        raise ValueError(f"unknown CAM method {method!r}; choose 'auto', 'exact', 'gradcam' or 'occlusion'")
     was_training = model.training
     # eval() / train() walk every module (~0.5 ms for a small CNN, 10% of its prediction):
     # only when something is actually in training mode
@@ -192,6 +200,9 @@ def gradcam(
         model.eval()
     try:
         idx = _validate_classes(class_idx, x.shape[0], _num_classes(model, x))
+        if method == "occlusion":
+            maps, logits = occlusion_maps(model, x, idx)
+            return (maps, logits) if return_logits else maps
         use_exact = method == "exact" or (method == "auto" and supports_exact_cam(model))
         if use_exact:
             try:
@@ -211,6 +222,56 @@ def gradcam(
     finally:
         if switch:
             model.train(was_training)
+
+
+def _patch_starts(size: int, patch: int, stride: int) -> list[int]:
+    starts = list(range(0, max(size - patch, 0) + 1, stride))
+    if starts[-1] + patch < size:  # the last patch reaches the edge
+        starts.append(size - patch)
+    return starts
+
+
+def occlusion_maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    class_idx: Sequence[int] | None = None,
+    *,
+    patch: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Occlusion sensitivity: ``(maps (B, H, W) in [0, 1], logits (B, K))``.
+
+    Each ``patch`` x ``patch`` square (default a quarter of the short side, moved by half a patch)
+    is set to 0 in the normalised input, i.e. the mean colour the model was normalised with; a
+    pixel's value is the mean drop of the class probability over the patches that hid it (rises
+    count as 0), min-max scaled. ``class_idx``: one class per image, or ``None`` for the predicted
+    class. Costs one forward pass per patch position (49 for the defaults), in batches.
+    """
+    b, _, h, w = x.shape
+    patch = int(patch or max(1, round(min(h, w) / 4)))
+    stride = int(stride or max(1, patch // 2))
+    if not 0 < patch <= min(h, w) or stride < 1:
+        raise ValueError(f"patch must be in 1..{min(h, w)} and stride >= 1; got patch={patch}, stride={stride}")
+    spots = [(y, x0) for y in _patch_starts(h, patch, stride) for x0 in _patch_starts(w, patch, stride)]
+    cover = torch.zeros(len(spots), h, w)
+    for i, (y, x0) in enumerate(spots):
+        cover[i, y : y + patch, x0 : x0 + patch] = 1.0
+    with torch.inference_mode():
+        logits = model(x)
+        probs = logits.float().softmax(dim=1)
+        chosen = logits.argmax(dim=1).tolist() if class_idx is None else [int(c) for c in class_idx]
+        maps = np.zeros((b, h, w), dtype=np.float32)
+        for i in range(b):
+            drops = []
+            for start in range(0, len(spots), batch_size):
+                part = cover[start : start + batch_size].to(x.device, x.dtype)
+                hidden = x[i : i + 1] * (1.0 - part[:, None])
+                drops.append(probs[i, chosen[i]] - model(hidden).float().softmax(dim=1)[:, chosen[i]])
+            drop = torch.cat(drops).clamp_min(0).cpu()
+            heat = (drop[:, None, None] * cover).sum(0) / cover.sum(0).clamp_min(1.0)
+            maps[i] = _minmax(heat[None, None])[0, 0].numpy()
+    return maps, logits
 
 
 def _pytorch_gradcam(

@@ -28,7 +28,7 @@ from torch import nn
 from . import cam as cam_lib
 from .hub import load_pretrained
 from .images import read_image
-from .models import fuse_conv_bn_for_inference, resolve_device
+from .models import default_cam_method, fuse_conv_bn_for_inference, resolve_device
 from .transforms import cell_box, eval_transform, preprocess, resolve_data_config
 
 __all__ = ["Prediction", "Predictor", "Consensus", "consensus", "load_predictors", "CPU_FORWARD_BATCH"]
@@ -135,7 +135,8 @@ class Predictor:
         self.threshold: float | None = _threshold(cfg)
         self.name = name or str(cfg.get("model_name") or type(model).__name__)
         self.batch_size = int(batch_size)
-        self.cam_method = cam_method
+        # "auto": the registry's choice for the architecture (occlusion where its CAM does not localise)
+        self.cam_method: cam_lib.Method = default_cam_method(model) if cam_method == "auto" else cam_method  # type: ignore[assignment]
         self.data_config = resolve_data_config(model)
         self.transform = eval_transform(self.data_config)
         self.supports_cam = _supports_cam(model)
