@@ -201,3 +201,18 @@ def test_cv_tta_scores_a_folds_held_out_files_and_reproduces_its_own_accuracy(tm
         draw_malaria_cell(folder.lower(), size=48, seed=9)[0].save(other / folder / "C9P9_cell_9.png")
     with pytest.raises(SystemExit, match="in none of the --data folders"):
         cv_tta.main([str(tmp_path / "run"), "--data", str(other)])
+
+
+def test_cam_pointing_counts_peaks_on_the_centre() -> None:
+    """bench/cam_pointing.py: a map peaking in the central half is a hit; its mass share is measured there."""
+    from cam_pointing import pointing
+
+    centre = np.zeros((8, 8), dtype=np.float32)
+    centre[3:5, 3:5] = 1.0
+    corner = np.zeros((8, 8), dtype=np.float32)
+    corner[7, 7] = 1.0
+    uniform = np.ones((8, 8), dtype=np.float32)
+    hits, share = pointing([centre, corner, uniform])
+    assert hits == 1  # the centre map only (a flat map's first maximum is the corner pixel)
+    assert share == pytest.approx(0.25)  # median of 1.0 (centre), 0.0 (corner), 0.25 (uniform)
+    assert pointing([]) == (0, 0.0)
