@@ -109,7 +109,9 @@ train_malaria() {
     # 12 (2026-12-04): NIH +0.63 [-0.03, +1.41], BCCD red cells +0.13 [+0.00, +0.35] (RESULTS.md).
     # A second seed beside it, as for blood cells, was measured and not bundled (2026-12-06): the
     # pair out of fold +0.11 points [-0.35, +0.63] on the NIH cells, AUC 0.9857 vs 0.9850, at twice
-    # the cost per red cell in field analysis; the two seeds agree on 98.1% of the cells
+    # the cost per red cell in field analysis; the two seeds agree on 98.1% of the cells.
+    # Measured next (2026-12-06), not yet in this recipe: --scale-jitter 0.15, NIH +0.58 points
+    # [+0.17, +1.01] under the same folds, BCCD red cells -0.33 [-0.78, +0.07] (RESULTS.md)
     "$PY" train/rbc_negatives.py --data "$DATA" --output-dir "$WORK/bccd-rbc-negatives"
     timed smallcnn-malaria "$PY" train/finetune.py --task malaria --dataset "$DATA/malaria" \
         --dataset "$WORK/bccd-rbc-negatives" "${COMMON[@]}" \
