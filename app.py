@@ -165,12 +165,15 @@ def heat_map_name(p: Predictor | None) -> str:
 
 def model_header(p: Predictor, pred: Prediction) -> str:
     flag = " · ⚠️ under threshold" if pred.abstain else ""
-    no_cam = "" if pred.cam is not None else " · no Grad-CAM for this model type"
-    if pred.cam is not None and p.cam_method == "occlusion":
-        no_cam = " · heat map: occlusion (where hiding a patch lowers the probability most)"
+    if pred.cam is None:
+        cam_note = " · no Grad-CAM for this model type"
+    elif heat_map_name(p) == "occlusion map":
+        cam_note = " · heat map: occlusion (where hiding a patch lowers the probability most)"
+    else:
+        cam_note = ""
     return (
         f"#### {p.name}\n{pred.label} ({pred.confidence:.1%}) · {_fmt_seconds(pred.seconds)} · "
-        f"threshold {_threshold_text(p)}{flag}{no_cam}"
+        f"threshold {_threshold_text(p)}{flag}{cam_note}"
     )
 
 
