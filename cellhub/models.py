@@ -418,7 +418,7 @@ register_model(ModelSpec(
     # Its exact CAM is exact but does not localise: at 128 px the last feature map is 4x4 with a
     # receptive field larger than the image, and the bundled PBC model puts its evidence in one
     # corner unit: the CAM's peak lay on the cell in 0 of 100 PBC images (the small CNN: 99);
-    # occlusion in 40 of 40 (RESULTS.md, 2026-12-06)
+    # occlusion in 98 of 100 (bench/cam_pointing.py, RESULTS.md, 2026-12-06)
     cam_method="occlusion",
     timm_name="efficientnet_lite0.ra_in1k",
     has_pretrained=True,
