@@ -122,6 +122,34 @@ def _read_checkpoint(directory: str | Path, repo_id: str | None) -> _Checkpoint:
     )
 
 
+def _index_figures(metrics: Mapping[str, Any], split_name: str) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """The figures the model-index (the Hub's headline) reports: ``(split, source or "", figures)``.
+
+    With a cross-validation (``--cv K``) these are its pooled out-of-fold figures, each source's
+    first when the model learned from several (a pool over sources mixes easy and hard data), then
+    the pool. The final model's own validation figures are not used there: its epoch and
+    abstention threshold were chosen on that split, so they flatter it (they stay in the card's
+    "This checkpoint" section). Without a cross-validation, the saved split's figures.
+    """
+    cv = metrics.get("cross_validation")
+    pooled = cv.get("pooled") if isinstance(cv, Mapping) else None
+    if not isinstance(pooled, Mapping) or not isinstance(pooled.get("accuracy"), (int, float)):
+        return [(split_name, "", metrics)]
+    split = f"{cv.get('k')}-fold grouped cross-validation, out of fold"
+    per_source = pooled.get("per_source") or {}
+    rows = [(split, src, _one_class_safe(sm)) for src, sm in per_source.items() if isinstance(sm, Mapping)]
+    return (rows if len(rows) > 1 else []) + [(split, "all sources" if len(rows) > 1 else "", pooled)]
+
+
+def _one_class_safe(figures: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A source whose images are all of one class (e.g. malaria-free red cells): its macro F1
+    averages in a class it has no example of and its AUC is undefined, so only accuracy stays."""
+    cm = figures.get("confusion_matrix")
+    if isinstance(cm, list) and sum(1 for row in cm if sum(row) > 0) < 2:
+        return {k: v for k, v in figures.items() if k not in ("macro_f1", "auc")}
+    return figures
+
+
 def _card_data(c: _Checkpoint) -> Any:
     """The YAML front matter: licence, library, tags, datasets, base model and model-index results."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -130,15 +158,18 @@ def _card_data(c: _Checkpoint) -> Any:
     if c.metrics:
         ds_type = c.hub_dataset or (c.task_name or "custom")
         ds_name = (c.task.description.split(" (")[0] if c.task else None) or ds_type
-        for key, mtype, mname, mcfg in _INDEX_METRICS:
-            value = c.metrics.get(key)
-            if isinstance(value, (int, float)):
-                eval_results.append(EvalResult(
-                    task_type="image-classification", task_name="Image Classification",
-                    dataset_type=ds_type, dataset_name=ds_name, dataset_split=c.split_name,
-                    metric_type=mtype, metric_name=mname, metric_value=round(float(value), 4),
-                    metric_config=mcfg,
-                ))
+        # the Hub groups results by dataset type, config and split: each source is a config
+        for split, source, figures in _index_figures(c.metrics, c.split_name):
+            for key, mtype, mname, mcfg in _INDEX_METRICS:
+                value = figures.get(key)
+                if isinstance(value, (int, float)):
+                    eval_results.append(EvalResult(
+                        task_type="image-classification", task_name="Image Classification",
+                        dataset_type=ds_type, dataset_name=ds_name + (f" ({source})" if source else ""),
+                        dataset_config=source or None, dataset_split=split,
+                        metric_type=mtype, metric_name=mname, metric_value=round(float(value), 4),
+                        metric_config=mcfg,
+                    ))
     tags = ["image-classification", "cellhub", "microscopy", "blood-smear", "medical-imaging"]
     if c.task_name:
         tags.append(c.task_name)

@@ -482,3 +482,36 @@ def test_card_names_imagenet_weights_without_a_hub_id(tmp_path):
     config["cellhub"].update(pretrained=False, pretrained_source=None)
     (folder / "config.json").write_text(json.dumps(config))
     assert "trained from scratch" in str(build_model_card(folder))
+
+
+def test_card_headline_is_the_cross_validation_not_the_split_the_epoch_was_chosen_on(tmp_path):
+    """With --cv K the model-index (what the Hub shows first) carries the pooled out-of-fold figures,
+    per source when there are several, never the final model's own validation figures."""
+    from huggingface_hub import metadata_load
+
+    model = create_model("smallcnn", "malaria", pretrained=False, image_size=SIZE)
+    m = _metrics(["parasitized", "uninfected"], split={"name": "validation", "description": "grouped"})
+    nih = dict(_metrics(["parasitized", "uninfected"]), accuracy=0.9111)
+    negatives = dict(_metrics(["parasitized", "uninfected"]), accuracy=0.9922,
+                     confusion_matrix=[[0, 0], [1, 99]])  # one class only: its macro F1 means nothing
+    pooled = dict(_metrics(["parasitized", "uninfected"]), accuracy=0.9333,
+                  per_source={"malaria": nih, "bccd-rbc-negatives": negatives})
+    m["cross_validation"] = {"k": 5, "folds": [{"fold": 1, "n_images": 40, "n_groups": 10, "accuracy": 0.9}],
+                             "mean": {"accuracy": 0.9}, "sd": {"accuracy": 0.0}, "pooled": pooled,
+                             "n_images": 40, "n_groups": 10}
+    folder = save_pretrained(model, tmp_path / "run", metrics=m)
+    results = metadata_load(folder / "README.md")["model-index"][0]["results"]
+    got = [(r["dataset"]["config"], r["dataset"]["split"], {x["type"]: x["value"] for x in r["metrics"]})
+           for r in results]
+    assert [g[0] for g in got] == ["malaria", "bccd-rbc-negatives", "all sources"]
+    assert all(g[1] == "5-fold grouped cross-validation, out of fold" for g in got)
+    assert got[0][2]["accuracy"] == 0.9111 and got[2][2]["accuracy"] == 0.9333
+    assert got[1][2] == {"accuracy": 0.9922}
+    assert round(m["accuracy"], 4) not in [g[2]["accuracy"] for g in got]
+    text = (folder / "README.md").read_text()
+    assert "chosen on this split, so these figures flatter the model: quote the cross-validation above" in text
+
+    one = dict(m, cross_validation=dict(m["cross_validation"], pooled=dict(pooled, per_source={"malaria": nih})))
+    folder1 = save_pretrained(model, tmp_path / "run1", metrics=one)
+    (only,) = metadata_load(folder1 / "README.md")["model-index"][0]["results"]
+    assert "config" not in only["dataset"] and {x["type"]: x["value"] for x in only["metrics"]}["accuracy"] == 0.9333
