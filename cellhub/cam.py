@@ -315,11 +315,12 @@ def overlay(
     if cam.ndim != 2:
         raise ValueError(f"cam must be a 2-D map, got shape {cam.shape}")
     full = np.zeros((height, width), dtype=np.float32)
-    left, top, right, bottom = (0, 0, width, height) if box is None else (int(round(v)) for v in box)
-    left, top = max(left, 0), max(top, 0)
-    right, bottom = min(right, width), min(bottom, height)
-    if right > left and bottom > top:
-        full[top:bottom, left:right] = cv2.resize(cam, (right - left, bottom - top), interpolation=cv2.INTER_LINEAR)
+    bl, bt, br, bb = (0, 0, width, height) if box is None else (int(round(v)) for v in box)
+    left, top = max(bl, 0), max(bt, 0)  # a view may run past the image's edge (a padded cell crop)
+    right, bottom = min(br, width), min(bb, height)
+    if right > left and bottom > top and br > bl and bb > bt:
+        view = cv2.resize(cam, (br - bl, bb - bt), interpolation=cv2.INTER_LINEAR)
+        full[top:bottom, left:right] = view[top - bt : bottom - bt, left - bl : right - bl]
     heat = cv2.applyColorMap(np.uint8(255 * np.clip(full, 0, 1)), colormap)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
     if box is not None:  # outside the model's view: the plain image

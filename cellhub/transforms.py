@@ -29,7 +29,7 @@ from torchvision import transforms as T
 from .images import to_rgb
 
 __all__ = ["eval_transform", "preprocess", "resolve_data_config", "to_pil", "train_transform", "CELL_CROPS",
-           "cell_crop_spec", "cell_box", "cell_crop", "CellCrop"]
+           "cell_crop_spec", "cell_box", "cell_crop", "crop_padded", "CellCrop"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,16 @@ _KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", 
 #: cell-centred crops a model may ask for (``cellhub_config["cell_crop"]``): ``nucleus`` centres a
 #: square on the white cell's nucleus, ``side_rbc_radii`` red-cell radii a side (a red cell is
 #: about 7.5 um across in every lab, so this is a physical scale: the same cell fills the same
-#: share of the crop whatever the camera and the crop's own size)
-CELL_CROPS: dict[str, dict[str, Any]] = {"nucleus": {"method": "nucleus", "side_rbc_radii": 10.0}}
+#: share of the crop whatever the camera and the crop's own size). Where the square runs past the
+#: image's edge, ``nucleus`` shifts it back inside (the cell then sits off-centre, or partly
+#: outside the square, in a crop cut close to it); ``nucleus-pad`` (``border: "pad"``) keeps it
+#: centred and fills what lies outside the image with the image's median colour.
+CELL_CROPS: dict[str, dict[str, Any]] = {
+    "nucleus": {"method": "nucleus", "side_rbc_radii": 10.0},
+    "nucleus-pad": {"method": "nucleus", "side_rbc_radii": 10.0, "border": "pad"},
+}
+_CROP_METHODS = ("nucleus",)
+_CROP_BORDERS = ("shift", "pad")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
@@ -106,12 +114,18 @@ def cell_crop_spec(spec: Any) -> dict[str, Any] | None:
         if spec not in CELL_CROPS:
             raise ValueError(f"Unknown cell crop {spec!r}; choose none or {', '.join(CELL_CROPS)}.")
         return dict(CELL_CROPS[spec])
-    if not isinstance(spec, Mapping) or spec.get("method") not in CELL_CROPS:
-        raise ValueError(f"cell_crop must name a method ({', '.join(CELL_CROPS)}), got {spec!r}.")
+    if not isinstance(spec, Mapping) or spec.get("method") not in _CROP_METHODS:
+        raise ValueError(f"cell_crop must name a method ({', '.join(_CROP_METHODS)}), got {spec!r}.")
     side = float(spec.get("side_rbc_radii", CELL_CROPS[spec["method"]]["side_rbc_radii"]))
     if not side > 0:
         raise ValueError(f"cell_crop side_rbc_radii must be positive, got {side}.")
-    return {"method": str(spec["method"]), "side_rbc_radii": side}
+    border = str(spec.get("border", "shift"))
+    if border not in _CROP_BORDERS:
+        raise ValueError(f"cell_crop border must be one of {', '.join(_CROP_BORDERS)}, got {border!r}.")
+    out: dict[str, Any] = {"method": str(spec["method"]), "side_rbc_radii": side}
+    if border != "shift":  # a spec saved before borders existed reads back unchanged
+        out["border"] = border
+    return out
 
 
 def cell_box(image: Any, spec: Any) -> tuple[int, int, int, int]:
@@ -119,8 +133,9 @@ def cell_box(image: Any, spec: Any) -> tuple[int, int, int, int]:
 
     Centred on the white cell's nucleus (:func:`cellhub.detect.white_cell_centre`; the image's
     middle when none stains), ``side_rbc_radii`` red-cell radii a side
-    (:func:`cellhub.detect.estimate_radius`), at most the image's short side and at least 0.7 of it,
-    and shifted to lie inside the image (nothing is invented at the border).
+    (:func:`cellhub.detect.estimate_radius`), at most the image's short side and at least 0.7 of it.
+    Border ``shift`` (the default): moved to lie inside the image; ``pad``: kept centred on the
+    nucleus, so it may run past the image's edge (:func:`crop_padded` fills that part).
     """
     from .detect import estimate_radius, white_cell_centre
 
@@ -135,15 +150,31 @@ def cell_box(image: Any, spec: Any) -> tuple[int, int, int, int]:
     centre = white_cell_centre(arr) or (w / 2, h / 2)
     r = estimate_radius(arr)
     side = short if not r else int(round(min(short, max(0.7 * short, spec["side_rbc_radii"] * r))))
-    left = int(round(min(max(centre[0] - side / 2, 0), w - side)))
-    top = int(round(min(max(centre[1] - side / 2, 0), h - side)))
+    left, top = int(round(centre[0] - side / 2)), int(round(centre[1] - side / 2))
+    if spec.get("border", "shift") == "shift":
+        left, top = min(max(left, 0), w - side), min(max(top, 0), h - side)
     return left, top, left + side, top + side
+
+
+def crop_padded(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """``image.crop(box)``, where the part of ``box`` outside the image is the image's median
+    colour (PIL would fill it with black)."""
+    w, h = image.size
+    left, top, right, bottom = (int(v) for v in box)
+    if left >= 0 and top >= 0 and right <= w and bottom <= h:
+        return image.crop((left, top, right, bottom))
+    fill = tuple(int(v) for v in np.median(np.asarray(image.convert("RGB"))[::2, ::2].reshape(-1, 3), axis=0))
+    out = Image.new("RGB", (right - left, bottom - top), fill)
+    inner = (max(left, 0), max(top, 0), min(right, w), min(bottom, h))
+    if inner[2] > inner[0] and inner[3] > inner[1]:
+        out.paste(image.convert("RGB").crop(inner), (inner[0] - left, inner[1] - top))
+    return out
 
 
 def cell_crop(image: Any, spec: Any) -> Image.Image:
     """The cell-centred square of ``image`` (RGB PIL), see :func:`cell_box`."""
     pil = to_pil(image)
-    return pil.crop(cell_box(pil, spec))
+    return crop_padded(pil, cell_box(pil, spec))
 
 
 class CellCrop:

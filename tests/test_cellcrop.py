@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +116,78 @@ def test_decode_once_resizes_crops_of_any_side():
     for side in (122, 154, 211, 244, 245, 308, 319, 320):
         assert _cover(Image.new("RGB", (side, side)), 80, 80).size == (80, 80)
         assert _cover(Image.new("RGB", (side + 37, side)), 80, 80).size == (80, 80)
+
+
+def _cell_near_corner(seed: int = 0) -> tuple[Image.Image, tuple[float, float]]:
+    """A 320x240 crop of a drawn smear with its white cell about 45 px from the top-left corner
+    (as in the Kaggle crops, which are shifted copies of one cell)."""
+    smear, (x0, y0, x1, y1) = draw_smear("lymphocyte", seed=seed, size=(640, 480))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = int(cx - 45), int(cy - 45)
+    return smear.crop((left, top, left + 320, top + 240)), (cx - left, cy - top)
+
+
+def test_pad_keeps_a_cell_near_the_edge_centred_and_shift_does_not():
+    img, (cx, cy) = _cell_near_corner()
+    shifted = transforms.cell_box(img, "nucleus")
+    side = shifted[2] - shifted[0]
+    assert shifted[0] >= 0 and shifted[1] >= 0  # moved inside the image ...
+    assert max(abs((shifted[0] + shifted[2]) / 2 - cx), abs((shifted[1] + shifted[3]) / 2 - cy)) > 0.2 * side
+    left, top, right, bottom = transforms.cell_box(img, "nucleus-pad")
+    assert right - left == side == bottom - top  # same scale
+    assert abs((left + right) / 2 - cx) < 15 and abs((top + bottom) / 2 - cy) < 15  # ... or kept on the cell
+    assert left < 0 and top < 0
+    crop = np.asarray(transforms.cell_crop(img, "nucleus-pad"))
+    assert crop.shape == (side, side, 3)
+    median = np.median(np.asarray(img)[::2, ::2].reshape(-1, 3), axis=0).astype(int)
+    assert (np.abs(crop[: -top - 1, : -left - 1].astype(int) - median) <= 1).all()  # outside: the median colour
+    assert np.array_equal(crop[-top:, -left:], np.asarray(img)[: bottom, : right])  # inside: the image itself
+
+
+def test_crop_specs_read_back_unchanged_and_bad_borders_fail():
+    assert transforms.cell_crop_spec({"method": "nucleus", "side_rbc_radii": 10}) == \
+        {"method": "nucleus", "side_rbc_radii": 10.0}  # a checkpoint saved before borders existed
+    assert transforms.cell_crop_spec("nucleus-pad") == {"method": "nucleus", "side_rbc_radii": 10.0, "border": "pad"}
+    assert transforms.cell_crop_spec(transforms.cell_crop_spec("nucleus-pad"))["border"] == "pad"
+    with pytest.raises(ValueError, match="border must be one of shift, pad"):
+        transforms.cell_crop_spec({"method": "nucleus", "border": "wrap"})
+    with pytest.raises(ValueError, match="must name a method"):
+        transforms.cell_crop_spec({"method": "nucleus-pad"})
+
+
+def test_decode_once_pads_like_cell_crop(tmp_path):
+    """Training's decoded cache takes the same padded crop that prediction does, in its own cache file."""
+    from cellhub.data import cache_resized, image_paths, load_cell_dataset
+    from cellhub.synthetic import write_imagefolder
+
+    data = write_imagefolder(tmp_path / "lab", task="blood-cells", n_per_class=2, size=64, splits=None)
+    first = sorted(data.rglob("*.png"))[0]
+    img, _ = _cell_near_corner(seed=4)
+    img.save(first)
+    ds = load_cell_dataset(str(data), cache_dir=str(tmp_path / "c"), progress=False, group_by="file")["train"]
+    i = [str(Path(p).resolve()) for p in image_paths(ds)].index(str(first.resolve()))
+    padded = cache_resized(ds, 48, tmp_path / "c", cell_crop="nucleus-pad", progress=False)
+    shifted = cache_resized(ds, 48, tmp_path / "c", cell_crop="nucleus", progress=False)
+    names = sorted(p.name for p in (tmp_path / "c" / "resized").glob("*.arrow"))
+    assert any("nucleus10-pad" in n for n in names) and any(n.endswith("nucleus10.arrow") for n in names)
+    rows = [i, (i + 1) % len(ds)]
+    expected = [np.asarray(transforms.cell_crop(ds[k]["image"].convert("RGB"), "nucleus-pad")
+                           .resize((48, 48), Image.BILINEAR, reducing_gap=3.0)) for k in rows]
+    got = [np.asarray(padded.with_format("numpy")["pixels"][k], dtype=np.uint8) for k in rows]
+    assert all(np.abs(g.astype(int) - e.astype(int)).mean() < 2 for g, e in zip(got, expected))
+    k = rows[0]
+    assert np.abs(np.asarray(shifted.with_format("numpy")["pixels"][k], dtype=int)
+                  - np.asarray(padded.with_format("numpy")["pixels"][k], dtype=int)).mean() > 5
+
+
+def test_a_heat_map_over_a_view_past_the_edge_stays_aligned():
+    """A padded crop's view runs past the image: the map is drawn at its place, clipped to the image."""
+    from cellhub.cam import overlay
+
+    base = Image.new("RGB", (100, 100), (128, 128, 128))
+    cam = np.zeros((11, 11), dtype=np.float32)
+    cam[5, 5] = 1.0  # hot at the view's centre, which is the image's top-left corner
+    out = np.asarray(overlay(base, cam, alpha=1.0, box=(-50, -50, 50, 50))).astype(int)
+    changed = np.abs(out - 128).sum(axis=2)
+    assert changed[:10, :10].mean() > changed[30:, 30:].mean() + 50
+    assert (changed[50:, :] == 0).all() and (changed[:, 50:] == 0).all()  # outside the view: the plain image

@@ -56,8 +56,8 @@ def _cover(im: PILImage.Image, w: int, h: int) -> PILImage.Image:
 
 
 def _crop_tag(spec: dict[str, Any]) -> str:
-    """A cell-crop spec in a cache file name (``nucleus10``)."""
-    return f"{spec['method']}{spec['side_rbc_radii']:g}"
+    """A cell-crop spec in a cache file name (``nucleus10``, ``nucleus10-pad``)."""
+    return f"{spec['method']}{spec['side_rbc_radii']:g}" + (f"-{spec['border']}" if spec.get("border") else "")
 
 
 def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> list[list[int]]:
@@ -138,7 +138,7 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
     cache_root = cache_root / "resized"
     cache_root.mkdir(parents=True, exist_ok=True)
     key = _dataset_key(ds)
-    from ..transforms import cell_crop_spec
+    from ..transforms import cell_crop_spec, crop_padded
 
     spec = cell_crop_spec(cell_crop)
     crop_tag = f"-{_crop_tag(spec)}" if spec else ""
@@ -152,7 +152,7 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
         for k, im in enumerate(batch["image"]):
             im = im.convert("RGB")
             if spec:
-                im = im.crop(tuple(batch["_cell_box"][k]))
+                im = crop_padded(im, tuple(batch["_cell_box"][k]))
             if im.size != (w, h):
                 im = _cover(im, w, h)
             out.append(np.asarray(im, dtype=np.uint8))

