@@ -163,11 +163,12 @@ def crop_padded(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Ima
     left, top, right, bottom = (int(v) for v in box)
     if left >= 0 and top >= 0 and right <= w and bottom <= h:
         return image.crop((left, top, right, bottom))
-    fill = tuple(int(v) for v in np.median(np.asarray(image.convert("RGB"))[::2, ::2].reshape(-1, 3), axis=0))
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    fill = tuple(int(v) for v in np.median(np.asarray(rgb)[::2, ::2].reshape(-1, 3), axis=0))
     out = Image.new("RGB", (right - left, bottom - top), fill)
     inner = (max(left, 0), max(top, 0), min(right, w), min(bottom, h))
     if inner[2] > inner[0] and inner[3] > inner[1]:
-        out.paste(image.convert("RGB").crop(inner), (inner[0] - left, inner[1] - top))
+        out.paste(rgb.crop(inner), (inner[0] - left, inner[1] - top))
     return out
 
 
