@@ -216,3 +216,23 @@ def test_cam_pointing_counts_peaks_on_the_centre() -> None:
     assert hits == 1  # the centre map only (a flat map's first maximum is the corner pixel)
     assert share == pytest.approx(0.25)  # median of 1.0 (centre), 0.0 (corner), 0.25 (uniform)
     assert pointing([]) == (0, 0.0)
+
+
+def test_cell_crop_centring_tells_shift_from_pad(tmp_path: Path, capsys) -> None:
+    """bench/cell_crop_centring.py on drawn crops whose white cell sits near a corner."""
+    import cell_crop_centring as B
+
+    from cellhub.synthetic import draw_smear
+
+    for i in range(3):
+        smear, (x0, y0, x1, y1) = draw_smear("monocyte", seed=i, size=(640, 480))
+        left, top = int((x0 + x1) / 2 - 45), int((y0 + y1) / 2 - 45)
+        (tmp_path / "monocyte").mkdir(exist_ok=True)
+        smear.crop((left, top, left + 320, top + 240)).save(tmp_path / "monocyte" / f"m{i}.png")
+    assert B.main(["--data", str(tmp_path), "--n", "3"]) == 0
+    lines = {m.group(1): dict(kv.split("=") for kv in m.group(2).split())
+             for m in re.finditer(r"^cell-crop-centring\[(\S+)\]: (.*)$", capsys.readouterr().out, re.M)}
+    assert set(lines) == {"nucleus", "nucleus-pad"} and lines["nucleus"]["images"] == "3"
+    assert float(lines["nucleus"]["offset_median"]) > 0.2 and float(lines["nucleus"]["over_0.15"]) == 1.0
+    assert float(lines["nucleus-pad"]["offset_p90"]) < 0.05 and float(lines["nucleus-pad"]["outside_median"]) > 0.1
+    assert float(lines["nucleus"]["outside_median"]) == 0.0
