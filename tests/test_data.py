@@ -427,7 +427,7 @@ def test_image_refs_paths_and_local_files_follow_row_order(tmp_path):
     """The undecoded readers give each row's own file, after shuffle/select, and tell files from bytes."""
     from datasets import Dataset, Features, Image as HFImage, Value
 
-    from cellhub.data import image_paths, image_refs, local_files, undecoded
+    from cellhub.data import file_backed_paths, image_paths, image_refs, local_files, undecoded
 
     files = []
     for i in range(5):
@@ -450,6 +450,11 @@ def test_image_refs_paths_and_local_files_follow_row_order(tmp_path):
     embedded = Dataset.from_dict({"image": [{"bytes": buf.getvalue(), "path": None}]}, features=Features(image=HFImage()))
     assert local_files(embedded) is None and image_paths(embedded) == [None]
     assert image_refs(embedded)[0]["bytes"] == buf.getvalue()
+    assert file_backed_paths(order) == expect and file_backed_paths(embedded) == []
+    # a row that keeps its bytes (its path names no file here, e.g. a Hub dataset's) is already embedded
+    mixed = Dataset.from_dict({"image": [{"bytes": buf.getvalue(), "path": "hub/cell_9.png"}, {"path": files[1]}]},
+                              features=Features(image=HFImage()))
+    assert image_paths(mixed) == ["hub/cell_9.png", files[1]] and file_backed_paths(mixed) == [files[1]]
 
     with pytest.raises(ValueError, match="no 'picture' column"):
         image_paths(ds, "picture")

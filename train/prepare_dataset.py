@@ -153,15 +153,15 @@ def write_repo_folder(dsd, report: LoadReport, out_dir: str | Path, *, repo_id: 
 
 
 def _external_bytes(ds) -> int:
-    from cellhub.data import image_refs
+    """The size on disk of the images not yet embedded in ``ds`` (what the shards will add)."""
+    from cellhub.data import file_backed_paths
 
     total = 0
-    for x in image_refs(ds):
-        if x and x.get("path") and not x.get("bytes"):
-            try:
-                total += Path(x["path"]).stat().st_size
-            except OSError:
-                pass
+    for path in file_backed_paths(ds):
+        try:
+            total += Path(path).stat().st_size
+        except OSError:
+            pass
     return total
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from ..cache import default_cache_dir
 from ..images import IMAGE_EXTENSIONS, check_image
-from .refs import image_paths, image_refs, local_files, undecoded
+from .refs import file_backed_paths, image_paths, image_refs, local_files, undecoded
 from .report import DatasetLayoutError, LoadReport
 from .resized import CACHE_INTERPOLATION, ImageRowDataset, cache_resized, pixels_array
 from .sources import infer_task, load_cell_dataset
@@ -50,6 +50,7 @@ __all__ = [
     "check_image",
     "undecoded",
     "image_refs",
+    "file_backed_paths",
     "image_paths",
     "local_files",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["undecoded", "image_refs", "image_paths", "local_files"]
+__all__ = ["undecoded", "image_refs", "image_paths", "local_files", "file_backed_paths"]
 
 
 def undecoded(ds: Any, column: str = "image") -> Any:
@@ -49,3 +49,15 @@ def local_files(ds: Any, column: str = "image") -> list[str] | None:
     if len(col) and all(paths) and col.field("bytes").null_count == len(col):
         return paths
     return None
+
+
+def file_backed_paths(ds: Any, column: str = "image") -> list[str]:
+    """The file paths of the rows whose image is not embedded (no bytes stored), in row order: what
+    still lives on disk. The embedded bytes are never copied out of Arrow to find them."""
+    import pyarrow.compute as pc
+
+    col = _struct(ds, column)
+    data, paths = col.field("bytes"), col.field("path")
+    no_bytes = pc.fill_null(pc.equal(pc.binary_length(data), 0), True)
+    has_path = pc.fill_null(pc.greater(pc.utf8_length(paths), 0), False)
+    return paths.filter(pc.and_(no_bytes, has_path)).to_pylist()
