@@ -44,11 +44,8 @@ def image_paths(ds: Any, column: str = "image") -> list[str | None]:
 
 def local_files(ds: Any, column: str = "image") -> list[str] | None:
     """Every row's image file path when all of them are files on disk (no embedded bytes), else ``None``."""
-    col = _struct(ds, column)
-    paths = col.field("path").to_pylist()
-    if len(col) and all(paths) and col.field("bytes").null_count == len(col):
-        return paths
-    return None
+    paths = file_backed_paths(ds, column)
+    return paths if paths and len(paths) == len(ds) else None
 
 
 def file_backed_paths(ds: Any, column: str = "image") -> list[str]:
