@@ -56,3 +56,16 @@ def test_kaggle_four_folders_stay_blood_cells_and_a_typo_is_still_an_error(tmp_p
         load_cell_dataset(typo, task="blood-cells", progress=False)
     with pytest.raises(DatasetLayoutError, match="'basophil', 'platelet'.*blood-cells"):
         load_cell_dataset(_folder(tmp_path / "p", ("basophil", "platelet")), task="blood-cells", progress=False)
+
+
+def test_pbc_under_the_blood_cell_task_is_not_warned_about_missing_smears(tmp_path, caplog):
+    # one cell per image, no smears it was cut from: near-duplicate groups, and no warning that
+    # tells the user to find smears that do not exist (the Kaggle layout still gets it: test_groups)
+    import logging
+
+    root = _folder(tmp_path / "pbc", PBC_FOLDERS)
+    with caplog.at_level(logging.INFO, logger="cellhub.data"):
+        dsd, report = load_cell_dataset(root, task="blood-cells", return_report=True, progress=False)
+    assert report.group_by == "near-duplicates" and len(dsd["train"]) == 8
+    assert "No full smears" not in caplog.text
+    assert "grouped with its near-duplicates" in caplog.text

@@ -117,8 +117,13 @@ def blood_groups(paths: list[str], files: list[str], smear_dir: Path, cache_dir:
 
 
 def groups_for(task: Task, paths: list[str], files: list[str], smear_dir: Path | None, cache_dir: Path | None,
-               progress: bool, split: str, report: LoadReport, group_by: str = "auto") -> list[str]:
-    """The group of every example of one split of ``task`` (see the module docstring)."""
+               progress: bool, split: str, report: LoadReport, group_by: str = "auto",
+               smears_expected: bool = True) -> list[str]:
+    """The group of every example of one split of ``task`` (see the module docstring).
+
+    ``smears_expected``: the folder is one whose crops were cut from full smears (the Kaggle
+    layout), so grouping without them is warned about; other folders (one cell per image, as PBC)
+    are grouped by near-duplicates without a warning."""
     method = resolve_group_by(group_by, task, smear_dir is not None)
     report.group_by = method
     if method in ("field", "smear"):
@@ -127,11 +132,15 @@ def groups_for(task: Task, paths: list[str], files: list[str], smear_dir: Path |
     if method == "patient":
         return [malaria_group(f) for f in files]
     if method == "near-duplicates":
-        if task.name == "blood-cells" and smear_dir is None:
+        if task.name == "blood-cells" and smear_dir is None and smears_expected:
             logger.warning(
                 "No full smears (dataset-master/dataset-master/JPEGImages) found for the %s split: blood-cell "
                 "crops are grouped as near-duplicates (copies of one crop), which cannot see two crops of one "
-                "field; pass smear_dir=... (--smear-dir) when you have the smears.", split)
+                "field; put the smears where the Kaggle download has them (dataset-master/dataset-master/"
+                "JPEGImages beside dataset2-master), or pass smear_dir=... (load_cell_dataset; --smear-dir "
+                "of `cellhub audit`, `cellhub evaluate` and train/prepare_dataset.py).", split)
+        elif task.name == "blood-cells" and smear_dir is None:
+            logger.info("%s split: every image is grouped with its near-duplicates (copies of one cell).", split)
         near = _near_cached(paths, files, cache_dir, progress)
         return [f"{split}/{near[p]}" for p in paths]
     return [f"image:{f}" for f in files]

@@ -154,7 +154,8 @@ def _load_local(path: Path, task: Task | None, cache_dir: Path | None, smear_dir
         files = [rel for _, _, rel in good]
         labels = [task.label2id[lab] for _, lab, _ in good]
         groups = groups_for(task, paths, files, smear_dir if task.name == "blood-cells" else None,
-                             cache_dir, progress, split, report, group_by)
+                             cache_dir, progress, split, report, group_by,
+                             smears_expected=layout.kind == "kaggle-blood-cells")
         if layout.kind == "imagefolder":
             ds = _via_imagefolder(paths, labels, groups, files, task, cache_dir)
         else:
