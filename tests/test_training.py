@@ -182,14 +182,35 @@ def test_bad_settings_fail_early():
         TrainConfig(dataset="x", epochs=4, select_from_epoch=5).validate()
 
 
+def test_loss_drop_leaves_the_largest_losses_of_a_batch_out():
+    import torch.nn.functional as F
+
+    logits = torch.tensor([[4.0, 0.0], [3.0, 0.0], [0.0, 2.0], [5.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1])  # the last one is "mislabeled": the model reads it as class 0
+    per = F.cross_entropy(logits, y, reduction="none")
+    assert torch.allclose(trainer.batch_loss(logits, y), per.mean())
+    dropped = trainer.batch_loss(logits, y, drop=0.25)
+    assert torch.allclose(dropped, per[:3].mean())
+    dropped.backward()
+    assert torch.all(logits.grad[3] == 0) and torch.all(logits.grad[:3].abs().sum(1) > 0)
+    # never the whole batch; label smoothing applies to the examples kept
+    one = logits[:1].detach()
+    assert torch.allclose(trainer.batch_loss(one, y[:1], drop=0.4), F.cross_entropy(one, y[:1]))
+    smooth = trainer.batch_loss(logits.detach(), y, label_smoothing=0.1, drop=0.25)
+    assert torch.allclose(smooth, F.cross_entropy(logits.detach()[:3], y[:3], label_smoothing=0.1))
+    with pytest.raises(ValueError, match="loss_drop"):
+        TrainConfig(dataset="x", loss_drop=0.5).validate()
+
+
 def test_the_saved_epoch_is_chosen_from_select_from_epoch_on(blood, tmp_path):
     kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20, save_checkpoints=False)
-    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", select_from_epoch=3, **kw))
+    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", select_from_epoch=3, loss_drop=0.1, **kw))
     assert m["best_epoch"] == 3
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["best"] for h in history] == [False, False, True]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["cellhub"]["recipe"]["select_from_epoch"] == 3
+    assert cfg["cellhub"]["recipe"]["loss_drop"] == 0.1  # the recipe records it
 
 
 def test_model_from_checkpoint_keeps_the_backbone_and_replaces_a_foreign_head(tmp_path):

@@ -74,6 +74,9 @@ class TrainConfig:
                                        "the labels differ", "model")
     drop_rate: float | None = _opt(None, "dropout before the classifier", "model")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy", "optimisation")
+    loss_drop: float = _opt(0.0, "noisy labels: from the second epoch on, leave the largest-loss fraction of each "
+                                 "batch out of its loss (e.g. 0.03; the cells whose label the model most "
+                                 "disputes, mislabeled ones among them)", "optimisation")
     output_dir: str = _opt("runs/cellhub", "checkpoint folder (created)", "run")
     resume: bool = _opt(False, "continue from OUTPUT_DIR/last_checkpoint", "run")
     seed: int = _opt(0, "seed of the split, the initialisation and the data order", "optimisation")
@@ -153,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"scale_jitter must be in [0, 1], got {self.scale_jitter}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if not 0.0 <= self.loss_drop < 0.5:
+            raise ValueError(f"loss_drop must be in [0, 0.5), got {self.loss_drop}.")
 
     def recipe(self) -> dict[str, Any]:
         """JSON-friendly record of the run's settings (without machine-local paths)."""

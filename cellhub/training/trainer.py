@@ -287,6 +287,18 @@ def _log_start(run: _Run) -> None:
                 f"mixed precision {run.mixed_precision}", run.channels_last)
 
 
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0,
+               drop: float = 0.0) -> torch.Tensor:
+    """The training loss of one batch: mean cross-entropy, the ``drop`` fraction (rounded, at most
+    all but one) of the examples with the largest loss left out (loss truncation against label
+    noise: a mislabeled cell the model already reads right costs the most)."""
+    per = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
+    n_drop = min(int(round(drop * len(per))), len(per) - 1)
+    if n_drop <= 0:
+        return per.mean()
+    return per.topk(len(per) - n_drop, largest=False).values.mean()
+
+
 def _train_epoch(run: _Run, epoch: int, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """One epoch of training and its grouped-validation scores; ``best`` updated when it improves."""
     cfg, acc = run.cfg, run.accelerator
@@ -301,7 +313,8 @@ def _train_epoch(run: _Run, epoch: int, best: dict[str, Any]) -> tuple[dict[str,
             x = x.contiguous(memory_format=torch.channels_last)
         with acc.autocast():
             logits = run.model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = batch_loss(logits, y, label_smoothing=cfg.label_smoothing,
+                              drop=cfg.loss_drop if epoch >= 1 else 0.0)
         acc.backward(loss)
         run.optimizer.step()
         run.scheduler.step()
