@@ -236,3 +236,43 @@ def test_cell_crop_centring_tells_shift_from_pad(tmp_path: Path, capsys) -> None
     assert float(lines["nucleus"]["offset_median"]) > 0.2 and float(lines["nucleus"]["over_0.15"]) == 1.0
     assert float(lines["nucleus-pad"]["offset_p90"]) < 0.05 and float(lines["nucleus-pad"]["outside_median"]) > 0.1
     assert float(lines["nucleus"]["outside_median"]) == 0.0
+
+
+def test_cv_errors_draws_the_out_of_fold_errors_of_one_label(tmp_path: Path) -> None:
+    """bench/cv_errors.py: the errors are the held-out images whose fold's model was wrong, filtered
+    by source and given label; the sheet has one tile per drawn error and the listing names them."""
+    import cv_errors
+    from PIL import Image
+
+    from cellhub.training.cv import fold_dir
+    from cellhub.training.state import save_holdout
+
+    data = tmp_path / "data" / "cell_images"  # the class folders one level down, as in the Kaggle zip
+    files = []
+    for k in range(6):
+        lab = ("Parasitized", "Uninfected")[k % 2]
+        (data / lab).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (200, 30 * k, 90)).save(data / lab / f"c{k}.png")
+        files.append(f"{lab}/c{k}.png")
+    run = tmp_path / "run"
+    y = np.array([0, 1, 0, 1, 0, 1])
+    # fold 1 holds images 0-2, fold 2 images 3-5; wrong: 0 (p=0.2 of its label), 3, 4 (another source)
+    p_label = np.array([0.2, 0.9, 0.8, 0.05, 0.3, 0.7])
+    p = np.where(y[:, None] == np.arange(2), p_label[:, None], 1 - p_label[:, None])
+    groups = ["malaria|P1", "malaria|P1", "malaria|P2", "malaria|P3", "other|F1", "malaria|P3"]
+    save_holdout(fold_dir(run, 0), p[:3], y[:3], groups[:3], files[:3])
+    save_holdout(fold_dir(run, 1), p[3:], y[3:], groups[3:], files[3:])
+    errs = cv_errors.errors(run, "malaria")
+    assert [(e["fold"], e["file"]) for e in errs] == [(1, "Parasitized/c0.png"), (2, "Uninfected/c3.png")]
+    assert len(cv_errors.errors(run)) == 3
+    out = tmp_path / "sheet.png"
+    s = cv_errors.main([str(run), "--root", str(tmp_path / "data"), "--source", "malaria", "--label", "0",
+                        "--n", "5", "--size", "32", "--out", str(out)])
+    assert s["errors"] == 1 and s["by_label"] == {"0": {"n": 1, "p_label<0.1": 0, "0.1-0.3": 1, ">=0.3": 0}}
+    assert Image.open(out).size == (32 * 9, 32)
+    assert (tmp_path / "sheet.png.txt").read_text().startswith("0\tParasitized/c0.png\tgiven 0\tp=0.20\tfold 1")
+    with pytest.raises(SystemExit, match="not a folder"):
+        cv_errors.main([str(run), "--root", str(tmp_path / "nowhere"), "--out", str(out)])
+    (tmp_path / "other").mkdir()
+    with pytest.raises(SystemExit, match="not under"):
+        cv_errors.main([str(run), "--root", str(tmp_path / "other"), "--out", str(out)])
