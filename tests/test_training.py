@@ -271,6 +271,22 @@ def test_fit_on_two_sources_reports_each_and_pooled(tmp_path):
     assert "lab-b: ignored basophil/" in notes and "lab-a: train" in notes
     card = (tmp_path / "run" / "README.md").read_text()
     assert "| validation / lab-a |" in card and "| validation / lab-b |" in card
+    recipe = json.loads((tmp_path / "run" / "config.json").read_text())["cellhub"]["recipe"]
+    assert recipe["dataset"] == "local folder 'lab-a' (imagefolder) + local folder 'lab-b' (imagefolder)"
+
+
+def test_each_source_is_named_with_its_own_layout(tmp_path):
+    from cellhub.training.pipeline import public_dataset_name
+
+    (tmp_path / "blood-cells").mkdir()
+    (tmp_path / "pbc").mkdir()
+    both = [str(tmp_path / "blood-cells"), str(tmp_path / "pbc")]
+    assert public_dataset_name(both, ["kaggle-blood-cells", "imagefolder"]) == (
+        "local folder 'blood-cells' (kaggle-blood-cells) + local folder 'pbc' (imagefolder)")
+    assert public_dataset_name(both + ["user/hub-set"], "imagefolder").endswith("+ user/hub-set")
+    assert public_dataset_name(both[1], ["imagefolder"]) == "local folder 'pbc' (imagefolder)"
+    with pytest.raises(ValueError, match="2 datasets but 1 source kinds"):
+        public_dataset_name(both, ["imagefolder"])
 
 
 def test_group_kfold_keeps_every_group_in_one_fold_and_stratifies(blood):

@@ -50,6 +50,8 @@ class PreparedData:
     notes: list[str] = field(default_factory=list)
     #: the sources' short names when several were combined (their examples' groups start "NAME|")
     sources: list[str] = field(default_factory=list)
+    #: each source's layout (``LoadReport.source_kind``), in the order given
+    source_kinds: list[str] = field(default_factory=list)
 
 
 def subsample(ds: Any, n: int | None, seed: int) -> Any:
@@ -168,7 +170,8 @@ def prepare_splits(dataset: str | Sequence[str], *, task: str | None = None, cac
     if max_train_samples or max_eval_samples:
         notes.append(f"subsampled: max_train_samples={max_train_samples}, max_eval_samples={max_eval_samples}")
     return PreparedData(splits=splits, report=report, labels=labels, task=report.task,
-                        had_validation=had_validation, val_fraction=val_fraction, notes=notes, sources=names)
+                        had_validation=had_validation, val_fraction=val_fraction, notes=notes, sources=names,
+                        source_kinds=[r.source_kind for r in reports])
 
 
 def _classifier_prefix(model: Any) -> str:
@@ -263,11 +266,17 @@ def auto_workers(on_cuda: bool) -> int:
     return 0 if n <= 4 else min(4, n // 4)
 
 
-def public_dataset_name(dataset: str | Sequence[str], source_kind: str) -> str:
+def public_dataset_name(dataset: str | Sequence[str], source_kind: str | Sequence[str]) -> str:
     """How the data is named in a published config: Hub ids and task names as given; a local
-    folder by its name and layout only (no machine-local path in a model card). Several: joined by " + "."""
+    folder by its name and layout only (no machine-local path in a model card). Several: joined by
+    " + ", each with its own layout when ``source_kind`` is a list (one per dataset)."""
     if not isinstance(dataset, str):
-        return " + ".join(public_dataset_name(d, source_kind) for d in dataset)
+        kinds = [source_kind] * len(dataset) if isinstance(source_kind, str) else list(source_kind)
+        if len(kinds) != len(dataset):
+            raise ValueError(f"{len(dataset)} datasets but {len(kinds)} source kinds")
+        return " + ".join(public_dataset_name(d, k) for d, k in zip(dataset, kinds))
+    if not isinstance(source_kind, str):
+        source_kind = ", ".join(source_kind)
     p = Path(dataset).expanduser()
     if p.exists():
         return f"local folder '{p.name}' ({source_kind})"

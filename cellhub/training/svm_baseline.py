@@ -104,7 +104,7 @@ def train_svm_baseline(
                         model=f"svm[{backbone_name}]", pretrained=bool(net.cellhub_config.get("pretrained")),
                         n_support_vectors=clf.n_support_vectors)
     recipe = {
-        "dataset": public_dataset_name(dataset, prepared.report.source_kind), "backbone": backbone_name,
+        "dataset": public_dataset_name(dataset, prepared.source_kinds), "backbone": backbone_name,
         "backbone_pretrained": bool(net.cellhub_config.get("pretrained")),
         "backbone_checkpoint": backbone_checkpoint, "features": "global-average-pooled last feature map",
         "scaler": "standardize (train mean/std)",

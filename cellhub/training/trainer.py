@@ -366,7 +366,7 @@ def _evaluate_and_save(run: _Run, history: list[dict[str, Any]], best_epoch: int
                          files=held["file"] if "file" in held.column_names else None)
         recipe = dict(cfg.recipe(), model=run.model_name,
                       init_from=public_dataset_name(cfg.init_from, "checkpoint") if cfg.init_from else None,
-                      dataset=public_dataset_name(cfg.dataset, run.prepared.report.source_kind),
+                      dataset=public_dataset_name(cfg.dataset, run.prepared.source_kinds),
                       task=run.prepared.task, pretrained=bool(cc.get("pretrained")), drop_rate=cc.get("drop_rate"),
                       image_size=run.image_size, channels_last=run.channels_last,
                       optimizer="AdamW", schedule="cosine with linear warm-up",
