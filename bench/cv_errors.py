@@ -8,11 +8,11 @@ called wrongly is an error; ``--source`` keeps one source (the part before ``|``
 name), ``--label`` the errors whose *given* label is this class. Printed: the errors per given
 label and how sure the model was against it (its probability of the given label). Written: a
 contact sheet of ``--n`` errors drawn with ``--seed`` (numbered in reading order) and, beside it,
-``OUT.txt`` with each numbered file, its given label and that probability, for a reviewer to mark
+``OUT.txt`` with each numbered file, its given and predicted labels and that probability, for a reviewer to mark
 (e.g. "no parasite visible": a cell whose label, not the model, is likely wrong).
 
 ``--root``: the folder the held-out file names are relative to (the dataset folder passed to
-``--dataset``; its class folders may sit one or two levels down, as in the Kaggle downloads).
+``--dataset``; its class folders may sit up to four levels down, as in the Kaggle downloads).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def errors(run: Path, source: str | None = None) -> list[dict]:
     return out
 
 
-def find_base(root: Path, rel: str, depth: int = 2) -> Path:
+def find_base(root: Path, rel: str, depth: int = 4) -> Path:
     """The folder under ``root`` (itself or up to ``depth`` levels down) that holds ``rel``."""
     if not root.is_dir():
         raise SystemExit(f"--root {root} is not a folder: pass the dataset folder the run was trained on.")
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = find_base(args.root, chosen[0]["file"])
     contact_sheet([base / e["file"] for e in chosen], args.size).save(args.out)
     listing = args.out.with_suffix(args.out.suffix + ".txt")
-    listing.write_text("".join(f"{i}\t{e['file']}\tgiven {name(e['label'])}\tp={e['p_label']:.2f}\tfold {e['fold']}\n"
+    listing.write_text("".join(f"{i}\t{e['file']}\tgiven {name(e['label'])}\tcalled {name(e['pred'])}\tp={e['p_label']:.2f}\t"
+                               f"fold {e['fold']}\n"
                                for i, e in enumerate(chosen)))
     print(f"{len(chosen)} drawn (seed {args.seed}) -> {args.out} and {listing}")
     summary["sheet"], summary["listing"] = str(args.out), str(listing)

@@ -270,7 +270,7 @@ def test_cv_errors_draws_the_out_of_fold_errors_of_one_label(tmp_path: Path) -> 
                         "--n", "5", "--size", "32", "--out", str(out)])
     assert s["errors"] == 1 and s["by_label"] == {"0": {"n": 1, "p_label<0.1": 0, "0.1-0.3": 1, ">=0.3": 0}}
     assert Image.open(out).size == (32 * 9, 32)
-    assert (tmp_path / "sheet.png.txt").read_text().startswith("0\tParasitized/c0.png\tgiven 0\tp=0.20\tfold 1")
+    assert (tmp_path / "sheet.png.txt").read_text().startswith("0\tParasitized/c0.png\tgiven 0\tcalled 1\tp=0.20\tfold 1")
     with pytest.raises(SystemExit, match="not a folder"):
         cv_errors.main([str(run), "--root", str(tmp_path / "nowhere"), "--out", str(out)])
     (tmp_path / "other").mkdir()
