@@ -17,6 +17,7 @@ contact sheet of ``--n`` errors drawn with ``--seed`` (numbered in reading order
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -81,8 +82,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=128, help="tile size in pixels")
     ap.add_argument("--out", type=Path, default=Path("cv_errors.png"))
     args = ap.parse_args(argv)
-
-    import json
 
     labels = json.loads((args.run / "cv.json").read_text()).get("labels") if (args.run / "cv.json").is_file() else None
     errs = errors(args.run, args.source)
