@@ -122,8 +122,9 @@ train_malaria() {
 }
 
 train_detector() {
-    # the field detector's red-cell network (cellhub/fieldnet.py): 3-fold CV over contiguous blocks
-    # of the eligible BCCD tuning fields chooses the heatmap thresholds out of fold, then the final
+    # the field detector's red-cell network (cellhub/fieldnet.py): 3-fold CV over the eligible BCCD
+    # tuning fields (interleaved by id, as the held-out third was drawn; train_detector.py's
+    # --folds default) chooses the heatmap thresholds out of fold, then the final
     # fit on all of them; the package ships it as cellhub/assets/fieldnet.safetensors
     timed fieldnet-cv "$PY" train/train_detector.py --data "$DATA" --cv 3 --epochs 80 --resume \
         --output-dir "$WORK/fieldnet-cv"
