@@ -1,6 +1,7 @@
 """Would an ensemble of independently trained models beat one? Out of fold, from finished CV runs.
 
-    python bench/cv_ensemble.py RUN_A RUN_B [RUN_C ...] [--source kaggle] [--n-boot 2000]
+    python bench/cv_ensemble.py RUN_A RUN_B [RUN_C ...] [--source kaggle] [--n-boot 2000] \
+        [--record CHECKPOINT_A CHECKPOINT_B ...]
 
 Each RUN is a ``train/finetune.py --cv K`` folder of the same recipe and data, trained with a
 different ``--seed`` (which also draws other folds: that is allowed here). Every image was held out
@@ -13,10 +14,16 @@ majority vote first). Printed: each run alone, the ensemble, and ensemble minus 
 with a 95% interval from a paired bootstrap over groups (``bench/cv_compare.py``); also RUN_B minus
 RUN_A, how far two seeds of one recipe differ by chance, and how often the runs agree (a consensus
 flags the rest uncertain) with the accuracy there. ``--source`` keeps one source's images.
+
+``--record``: the published checkpoints the runs' final models are (one per run, in the same order;
+each checkpoint's cross-validation accuracy must be its run's): the consensus's out-of-fold figures,
+pooled and per source, go into each one's ``metrics.json`` (``cross_validation.consensus``) and its
+model card is rebuilt, so a card says what the models score used together, as the app uses them.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,7 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cv_compare import fold_holdouts, paired_difference  # noqa: E402
 
+from cellhub.cache import atomic_write_json  # noqa: E402
 from cellhub.metrics import classification_metrics  # noqa: E402
+
+#: what a checkpoint's metrics.json keeps of the consensus's figures (what its model card shows)
+_KEPT = ("accuracy", "ci95", "macro_f1", "macro_f1_ci95", "auc", "n_images", "n_groups")
 
 
 def run_predictions(run: Path) -> dict[tuple[str, str], tuple[np.ndarray, int, str]]:
@@ -42,8 +53,9 @@ def run_predictions(run: Path) -> dict[tuple[str, str], tuple[np.ndarray, int, s
     return out
 
 
-def ensemble(runs: list[Path], source: str | None = None, n_boot: int = 2000) -> dict:
-    preds = [run_predictions(r) for r in runs]
+def ensemble(runs: list[Path], source: str | None = None, n_boot: int = 2000, preds: list[dict] | None = None) -> dict:
+    """The figures printed (see the module docstring); ``preds``: the runs' :func:`run_predictions`, if read."""
+    preds = preds if preds is not None else [run_predictions(r) for r in runs]
     keys = sorted(k for k in preds[0] if source is None or k[0] == source)
     if not keys:
         raise SystemExit(f"{runs[0]}: no held-out image of source {source!r}")
@@ -72,7 +84,42 @@ def ensemble(runs: list[Path], source: str | None = None, n_boot: int = 2000) ->
                          for p in probs] if n_labels == 2 else None,
             "agree": float(agree.mean()), "agree_accuracy": float(mean_ok[agree].mean()) if agree.any() else None,
             "ensemble_minus_a": diff, "ci95": ci, "b_minus_a": seed_diff, "b_minus_a_ci95": seed_ci,
-            "n_images": len(keys), "n_groups": len(set(groups.tolist()))}
+            "n_images": len(keys), "n_groups": len(set(groups.tolist())),
+            "pooled": {k: m[k] for k in _KEPT if m.get(k) is not None}}
+
+
+def record(runs: list[Path], checkpoints: list[Path], n_boot: int = 2000) -> dict:
+    """Write the consensus's out-of-fold figures into each checkpoint's ``metrics.json`` and rebuild
+    its card; returns what was written."""
+    from cellhub.modelcard import CARD_NAME, build_model_card
+
+    if len(checkpoints) != len(runs):
+        raise SystemExit(f"--record takes one checkpoint per run, in the runs' order: {len(runs)} runs, "
+                         f"{len(checkpoints)} checkpoints.")
+    preds = [run_predictions(r) for r in runs]
+    pooled = ensemble(runs, None, n_boot, preds)
+    sources = sorted({k[0] for k in preds[0]})
+    per_source = {s: ensemble(runs, s, n_boot, preds)["pooled"] for s in sources} if len(sources) > 1 else {}
+    entry = {"models": [c.name for c in checkpoints], "pooled": pooled["pooled"], "per_source": per_source,
+             "agree": pooled["agree"], "agree_accuracy": pooled["agree_accuracy"],
+             "rule": "label of the highest mean probability (cellhub.predict.consensus); "
+                     "images the models label differently are flagged uncertain"}
+    metrics_of = []
+    for ckpt, run, acc in zip(checkpoints, runs, pooled["runs"]):
+        path = ckpt / "metrics.json"
+        if not path.is_file():
+            raise SystemExit(f"{ckpt} has no metrics.json: pass the published checkpoint folders.")
+        metrics = json.loads(path.read_text())
+        own = ((metrics.get("cross_validation") or {}).get("pooled") or {}).get("accuracy")
+        if own is None or abs(float(own) - acc) > 5e-4:
+            raise SystemExit(f"{ckpt}: its cross-validation accuracy ({own}) is not {run}'s out-of-fold accuracy "
+                             f"({acc:.4f}): pass each run's own checkpoint, in the runs' order.")
+        metrics_of.append(metrics)
+    for ckpt, metrics in zip(checkpoints, metrics_of):  # checked all first: nothing half written
+        metrics["cross_validation"]["consensus"] = entry
+        atomic_write_json(ckpt / "metrics.json", metrics, indent=2)
+        build_model_card(ckpt).save(ckpt / CARD_NAME)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,9 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--source", help="only this source's images (e.g. blood-cells)")
     ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--record", type=Path, nargs="+", metavar="CHECKPOINT",
+                    help="write the consensus's figures into these checkpoints' metrics.json and cards")
     args = ap.parse_args(argv)
     if len(args.runs) < 2:
         ap.error("give at least two runs")
+    if args.record:
+        entry = record(args.runs, args.record, args.n_boot)
+        lo, hi = entry["pooled"]["ci95"]
+        print(f"consensus of {', '.join(entry['models'])}: {entry['pooled']['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] "
+              f"out of fold; written into " + ", ".join(f"{c}/metrics.json" for c in args.record) + " and their cards")
     r = ensemble(args.runs, args.source, args.n_boot)
     for run, acc in zip(args.runs, r["runs"]):
         print(f"{run}: {acc:.4f}")

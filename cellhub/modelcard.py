@@ -298,7 +298,20 @@ def _cross_validation(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
     per_source = [f"{src}: " + _pooled_text(sm) for src, sm in (pooled.get("per_source") or {}).items()]
     return {"k": cv.get("k"), "n_images": cv.get("n_images"), "n_groups": cv.get("n_groups"),
             "columns": [name for _, name in keys], "rows": rows, "mean": mean,
-            "pooled": _pooled_text(pooled) if pooled else "n/a", "per_source": per_source}
+            "pooled": _pooled_text(pooled) if pooled else "n/a", "per_source": per_source,
+            "consensus": _consensus(cv.get("consensus"))}
+
+
+def _consensus(entry: Any) -> dict[str, Any] | None:
+    """The out-of-fold figures of this model used together with others (``bench/cv_ensemble.py --record``)."""
+    if not isinstance(entry, Mapping) or not entry.get("pooled"):
+        return None
+    agree = entry.get("agree")
+    return {"models": ", ".join(f"`{m}`" for m in entry.get("models") or []),
+            "pooled": _pooled_text(entry["pooled"]),
+            "per_source": [f"{src}: " + _pooled_text(sm) for src, sm in (entry.get("per_source") or {}).items()],
+            "agree": None if agree is None else f"{100 * agree:.1f}%",
+            "agree_accuracy": None if entry.get("agree_accuracy") is None else f"{100 * entry['agree_accuracy']:.1f}%"}
 
 
 def _images(c: _Checkpoint) -> dict[str, Any]:

@@ -147,6 +147,61 @@ def test_cv_ensemble_matches_images_across_folds_and_averages(tmp_path: Path) ->
         cv_ensemble.ensemble([a, b], source="pbc")
 
 
+def test_cv_ensemble_record_writes_the_consensus_into_each_checkpoint_and_its_card(tmp_path: Path) -> None:
+    """bench/cv_ensemble.py --record: the consensus's out-of-fold figures (pooled, per source) go into
+    each published checkpoint's metrics.json and card; a checkpoint that is not its run's is refused
+    before anything is written."""
+    import json
+
+    import cv_ensemble
+
+    from cellhub import hub
+    from cellhub.models import create_model
+    from cellhub.training.cv import fold_dir
+    from cellhub.training.state import save_holdout
+
+    def run(root, folds):  # folds: [(files, p_class1)]; label of f"{src}/i{k}" = k % 2, source = src
+        for i, (files, p1) in enumerate(folds):
+            y = np.array([int(f.split("/i")[1]) % 2 for f in files])
+            probs = np.stack([1 - np.asarray(p1), np.asarray(p1)], axis=1)
+            save_holdout(fold_dir(root, i), probs, y, [f"{f.split('/')[0]}|g{f}" for f in files], files)
+        return root
+
+    files = [f"{src}/i{k}" for src in ("kaggle", "pbc") for k in range(4)]
+    a = run(tmp_path / "a", [(files[:4], [0.4, 0.9, 0.6, 0.45]), (files[4:], [0.2, 0.8, 0.3, 0.7])])
+    b = run(tmp_path / "b", [(files[4:], [0.1, 0.9, 0.2, 0.6]), (files[:4], [0.1, 0.4, 0.2, 0.8])])
+    # A: 6/8 right (i2, i3 of kaggle wrong); B: 7/8 (kaggle i1 wrong); mean: kaggle i1 0.65, i2 0.4,
+    # i3 0.625 -> all 8 right; they agree on 5 of 8
+    model = create_model("smallcnn", "malaria", pretrained=False, image_size=32)
+    ckpts = []
+    for name, acc in (("model-a", 0.75), ("model-b", 0.875)):
+        pooled = {"accuracy": acc, "ci95": [acc - 0.1, acc], "macro_f1": acc, "n_images": 8, "n_groups": 8}
+        cv = {"k": 2, "folds": [{"fold": 1, "n_images": 4, "n_groups": 4, "accuracy": acc}],
+              "mean": {"accuracy": acc}, "sd": {"accuracy": 0.0}, "pooled": pooled, "n_images": 8, "n_groups": 8}
+        ckpts.append(hub.save_pretrained(model, tmp_path / name, metrics={"accuracy": acc, "cross_validation": cv}))
+    assert "Used together" not in (ckpts[0] / "README.md").read_text()
+
+    before = [(c / "metrics.json").read_text() for c in ckpts]
+    with pytest.raises(SystemExit, match="not .*out-of-fold accuracy"):
+        cv_ensemble.record([b, a], ckpts, n_boot=50)  # the runs in the other order
+    assert [(c / "metrics.json").read_text() for c in ckpts] == before
+
+    entry = cv_ensemble.record([a, b], ckpts, n_boot=50)
+    assert entry["models"] == ["model-a", "model-b"] and entry["pooled"]["accuracy"] == 1.0
+    assert entry["pooled"]["n_images"] == 8 and set(entry["per_source"]) == {"kaggle", "pbc"}
+    assert entry["per_source"]["kaggle"]["n_images"] == 4 and entry["agree"] == 5 / 8
+    for c in ckpts:
+        saved = json.loads((c / "metrics.json").read_text())
+        assert saved["cross_validation"]["consensus"] == json.loads(json.dumps(entry))
+        assert saved["accuracy"] in (0.75, 0.875)  # the rest is kept
+        card = (c / "README.md").read_text()
+        assert "take the consensus of `model-a`, `model-b`" in card
+        assert "that consensus scores: accuracy 1.000" in card and "- kaggle: accuracy 1.000" in card
+        assert "same label to 62.5% of the images" in card
+    with pytest.raises(SystemExit, match="one checkpoint per run"):
+        cv_ensemble.record([a, b], ckpts[:1])
+
+
 def test_field_differential_knows_which_fold_held_out_each_field(tmp_path: Path) -> None:
     from field_differential import _held_out_by
 

@@ -84,6 +84,9 @@ train_blood_pair() {
     # the two disagree on 13% of the Kaggle crops, which the consensus flags uncertain (RESULTS.md)
     train_blood 0 smallcnn-blood-cells
     train_blood 1 smallcnn-blood-cells-s1
+    # the pair's out-of-fold figures into both checkpoints' metrics.json and model cards
+    "$PY" bench/cv_ensemble.py "$WORK/smallcnn-blood-cells" "$WORK/smallcnn-blood-cells-s1" \
+        --record checkpoints/smallcnn-blood-cells checkpoints/smallcnn-blood-cells-s1
 }
 
 train_pbc() {
