@@ -155,6 +155,11 @@ def _add_predict(subparsers: Any) -> None:
     p.set_defaults(func=_predict)
 
 
+def _is_checkpoint_dir(path: Path) -> bool:
+    """A local checkpoint folder (what ``hub.save_pretrained`` writes: config.json beside the weights)."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
 def _expand_inputs(inputs: list[str]) -> list[str]:
     """The inputs with every ``.txt`` file replaced by the paths it lists (blank and ``#`` lines skipped)."""
     out: list[str] = []
@@ -267,6 +272,11 @@ def _predict(args: argparse.Namespace) -> int:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.resume and args.csv is None:
         raise SystemExit("--resume needs --csv: the CSV is where the finished images are read from")
+    for item in args.inputs:  # `predict CKPT_A CKPT_B images/` would read the second checkpoint's files as images
+        if _is_checkpoint_dir(Path(item)):
+            raise SystemExit(f"{item} is a checkpoint folder, not images: `predict` classifies with one checkpoint "
+                             "(the first argument). For several models side by side with their consensus, use the "
+                             "app: python app.py --models CHECKPOINT [CHECKPOINT ...]")
     procs = Processes()
     try:
         predictor = Predictor.from_pretrained(args.checkpoint, device=args.device or procs.device)
@@ -397,7 +407,7 @@ def _split_checkpoints(items: list[str]) -> tuple[list[str], list[str]]:
     for item in items:
         path = Path(item)
         hub_id = item.startswith("hf-hub:") or (not path.exists() and item.count("/") == 1 and not Path(item).suffix)
-        if (path.is_dir() and (path / "config.json").is_file()) or hub_id:
+        if _is_checkpoint_dir(path) or hub_id:
             n += 1
         else:
             break

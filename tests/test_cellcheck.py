@@ -94,6 +94,16 @@ def test_batch_does_not_classify_what_is_not_a_cell(checkpoint, tmp_path, capsys
     assert len(list(csv.DictReader(out.open()))) == 3
 
 
+def test_predict_refuses_a_second_checkpoint_given_as_input(checkpoint, tmp_path):
+    """`predict CKPT CKPT images/`: the second checkpoint is not read as images (its PNG plots and
+    JSON files), the user is told where several models go, and nothing is written."""
+    draw_blood_cell("monocyte", size=(96, 72), seed=1).save(tmp_path / "cell.png")
+    out = tmp_path / "o.csv"
+    with pytest.raises(SystemExit, match="is a checkpoint folder, not images.*python app.py --models"):
+        cellhub_main(["predict", str(checkpoint), str(checkpoint), str(tmp_path), "--csv", str(out)])
+    assert not out.exists()
+
+
 def test_app_says_not_a_blood_cell_and_classifies_nothing(checkpoint, tmp_path):
     app = pytest.importorskip("app")
     state = app.make_state([Predictor.from_pretrained(checkpoint)], out_dir=tmp_path / "out")
