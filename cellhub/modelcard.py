@@ -285,6 +285,10 @@ def _pooled_text(m: Mapping[str, Any]) -> str:
     return text + f"; {m.get('n_images')} images, {m.get('n_groups')} groups"
 
 
+def _per_source_lines(per_source: Mapping[str, Any] | None) -> list[str]:
+    return [f"{src}: " + _pooled_text(sm) for src, sm in (per_source or {}).items()]
+
+
 def _cross_validation(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
     """The cross-validation table (``metrics.json``'s ``cross_validation``, from ``--cv K``)."""
     cv = metrics.get("cross_validation")
@@ -295,7 +299,7 @@ def _cross_validation(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
              "cells": [_fmt(r.get(k)) for k, _ in keys]} for r in cv["folds"]]
     mean = [f"{_fmt(cv['mean'][k])} ± {_fmt(cv['sd'].get(k))}" for k, _ in keys]
     pooled = cv.get("pooled") or {}
-    per_source = [f"{src}: " + _pooled_text(sm) for src, sm in (pooled.get("per_source") or {}).items()]
+    per_source = _per_source_lines(pooled.get("per_source"))
     return {"k": cv.get("k"), "n_images": cv.get("n_images"), "n_groups": cv.get("n_groups"),
             "columns": [name for _, name in keys], "rows": rows, "mean": mean,
             "pooled": _pooled_text(pooled) if pooled else "n/a", "per_source": per_source,
@@ -309,7 +313,7 @@ def _consensus(entry: Any) -> dict[str, Any] | None:
     agree = entry.get("agree")
     return {"models": ", ".join(f"`{m}`" for m in entry.get("models") or []),
             "pooled": _pooled_text(entry["pooled"]),
-            "per_source": [f"{src}: " + _pooled_text(sm) for src, sm in (entry.get("per_source") or {}).items()],
+            "per_source": _per_source_lines(entry.get("per_source")),
             "agree": None if agree is None else f"{100 * agree:.1f}%",
             "agree_accuracy": None if entry.get("agree_accuracy") is None else f"{100 * entry['agree_accuracy']:.1f}%"}
 
