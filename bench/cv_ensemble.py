@@ -88,15 +88,15 @@ def ensemble(runs: list[Path], source: str | None = None, n_boot: int = 2000, pr
             "pooled": {k: m[k] for k in _KEPT if m.get(k) is not None}}
 
 
-def record(runs: list[Path], checkpoints: list[Path], n_boot: int = 2000) -> dict:
+def record(runs: list[Path], checkpoints: list[Path], n_boot: int = 2000, preds: list[dict] | None = None) -> dict:
     """Write the consensus's out-of-fold figures into each checkpoint's ``metrics.json`` and rebuild
-    its card; returns what was written."""
+    its card; returns what was written. ``preds``: the runs' :func:`run_predictions`, if read."""
     from cellhub.modelcard import CARD_NAME, build_model_card
 
     if len(checkpoints) != len(runs):
         raise SystemExit(f"--record takes one checkpoint per run, in the runs' order: {len(runs)} runs, "
                          f"{len(checkpoints)} checkpoints.")
-    preds = [run_predictions(r) for r in runs]
+    preds = preds if preds is not None else [run_predictions(r) for r in runs]
     pooled = ensemble(runs, None, n_boot, preds)
     sources = sorted({k[0] for k in preds[0]})
     per_source = {s: ensemble(runs, s, n_boot, preds)["pooled"] for s in sources} if len(sources) > 1 else {}
@@ -132,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if len(args.runs) < 2:
         ap.error("give at least two runs")
+    preds = [run_predictions(r) for r in args.runs]  # read once, for --record and the figures printed
     if args.record:
-        entry = record(args.runs, args.record, args.n_boot)
+        entry = record(args.runs, args.record, args.n_boot, preds)
         lo, hi = entry["pooled"]["ci95"]
         print(f"consensus of {', '.join(entry['models'])}: {entry['pooled']['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] "
               f"out of fold; written into " + ", ".join(f"{c}/metrics.json" for c in args.record) + " and their cards")
-    r = ensemble(args.runs, args.source, args.n_boot)
+    r = ensemble(args.runs, args.source, args.n_boot, preds)
     for run, acc in zip(args.runs, r["runs"]):
         print(f"{run}: {acc:.4f}")
     pts = lambda d, ci: f"{100 * d:+.2f} points [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"  # noqa: E731

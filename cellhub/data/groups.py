@@ -132,15 +132,16 @@ def groups_for(task: Task, paths: list[str], files: list[str], smear_dir: Path |
     if method == "patient":
         return [malaria_group(f) for f in files]
     if method == "near-duplicates":
-        if task.name == "blood-cells" and smear_dir is None and smears_expected:
-            logger.warning(
-                "No full smears (dataset-master/dataset-master/JPEGImages) found for the %s split: blood-cell "
-                "crops are grouped as near-duplicates (copies of one crop), which cannot see two crops of one "
-                "field; put the smears where the Kaggle download has them (dataset-master/dataset-master/"
-                "JPEGImages beside dataset2-master), or pass smear_dir=... (load_cell_dataset; --smear-dir "
-                "of `cellhub audit`, `cellhub evaluate` and train/prepare_dataset.py).", split)
-        elif task.name == "blood-cells" and smear_dir is None:
-            logger.info("%s split: every image is grouped with its near-duplicates (copies of one cell).", split)
+        if task.name == "blood-cells" and smear_dir is None:
+            if smears_expected:
+                logger.warning(
+                    "No full smears (dataset-master/dataset-master/JPEGImages) found for the %s split: blood-cell "
+                    "crops are grouped as near-duplicates (copies of one crop), which cannot see two crops of one "
+                    "field; put the smears where the Kaggle download has them (dataset-master/dataset-master/"
+                    "JPEGImages beside dataset2-master), or pass smear_dir=... (load_cell_dataset; --smear-dir "
+                    "of `cellhub audit`, `cellhub evaluate` and train/prepare_dataset.py).", split)
+            else:
+                logger.info("%s split: every image is grouped with its near-duplicates (copies of one cell).", split)
         near = _near_cached(paths, files, cache_dir, progress)
         return [f"{split}/{near[p]}" for p in paths]
     return [f"image:{f}" for f in files]
