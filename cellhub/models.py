@@ -42,6 +42,7 @@ __all__ = [
     "is_gap_linear_head",
     "default_cam_method",
     "register_model",
+    "check_norm",
     "resolve_labels",
 ]
 
@@ -63,10 +64,18 @@ class PretrainedWeightsUnavailable(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
-def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+#: the small CNN's normalisation layers: BatchNorm (batch statistics in training, running ones
+#: in prediction) or GroupNorm in :data:`GROUP_NORM_GROUPS` groups (each image normalised by its
+#: own statistics, the same in training and prediction; the normalisation the cross-lab benchmark
+#: of Tsutsui et al. 2023 found to generalise best)
+SMALLCNN_NORMS: tuple[str, ...] = ("batch", "group")
+GROUP_NORM_GROUPS = 8
+
+
+def _conv_bn_relu(cin: int, cout: int, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
+        nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(GROUP_NORM_GROUPS, cout),
         nn.ReLU(inplace=True),
     )
 
@@ -81,8 +90,9 @@ class SmallCNN(
 ):
     """A small CNN for 64-128 px single-cell crops.
 
-    Stages of conv-BatchNorm-ReLU blocks (widths 32 -> 256), a 2x2 max-pool between stages,
-    then global average pooling, dropout and **one** linear layer. Because the head is
+    Stages of conv-norm-ReLU blocks (widths 32 -> 256; ``norm="batch"``: BatchNorm, ``"group"``:
+    GroupNorm), a 2x2 max-pool between stages, then global average pooling, dropout and **one**
+    linear layer. Because the head is
     GAP + linear, the class activation map of class ``c`` is exactly
     ``ReLU(sum_k w_ck * A_k)`` of the last feature map ``A`` -- it comes from the forward pass.
 
@@ -105,11 +115,17 @@ class SmallCNN(
         interpolation: str = "bilinear",
         crop_pct: float = 1.0,
         task: str | None = None,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         widths, depths = [int(w) for w in widths], [int(d) for d in depths]
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"widths {widths} and depths {depths} must be non-empty and of equal length")
+        if norm not in SMALLCNN_NORMS:
+            raise ValueError(f"norm={norm!r}: choose one of {', '.join(SMALLCNN_NORMS)}")
+        if norm == "group" and any(w % GROUP_NORM_GROUPS for w in widths):
+            raise ValueError(f"norm='group' needs widths divisible by {GROUP_NORM_GROUPS}, got {widths}")
+        self.norm = norm
         if labels is not None:
             labels = [str(x) for x in labels]
             if len(labels) != num_classes:
@@ -126,7 +142,7 @@ class SmallCNN(
             if i > 0:
                 blocks.append(nn.MaxPool2d(2))
             for _ in range(depth):
-                blocks.append(_conv_bn_relu(cin, width))
+                blocks.append(_conv_bn_relu(cin, width, norm))
                 cin = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -157,13 +173,13 @@ class SmallCNN(
         ``config.json["model_args"]``, the timm / transformers reconstruction arguments."""
         cfg = dict(self._hub_mixin_config or {})
         return {k: cfg[k] for k in ("in_chans", "widths", "depths", "drop_rate", "image_size", "mean", "std",
-                                    "interpolation", "crop_pct") if k in cfg}
+                                    "interpolation", "crop_pct", "norm") if k in cfg}
 
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -290,6 +306,8 @@ class ModelSpec:
     timm_name: str | None = None
     #: whether pretrained weights exist for this entry
     has_pretrained: bool = False
+    #: normalisation layers the builder can use (``norm=``); the first is the default
+    norms: tuple[str, ...] = ("batch",)
 
 
 MODEL_REGISTRY: dict[str, ModelSpec] = {}
@@ -307,14 +325,15 @@ def available_models() -> tuple[str, ...]:
 
 
 def _build_smallcnn(*, num_classes: int, pretrained: bool, drop_rate: float, image_size: int,
-                    labels: list[str], task: str | None, weights: str | None = None) -> nn.Module:
+                    labels: list[str], task: str | None, weights: str | None = None,
+                    norm: str = "batch") -> nn.Module:
     if weights:
         raise ValueError("smallcnn has no ImageNet weights to load; drop pretrained_weights (--pretrained-weights).")
     if pretrained:
         # No ImageNet weights exist for the small CNN; it is trained from scratch by design.
         logger.info("smallcnn has no pretrained weights; initialising randomly")
     return SmallCNN(num_classes=num_classes, labels=labels, drop_rate=drop_rate,
-                    image_size=image_size, task=task)
+                    image_size=image_size, task=task, norm=norm)
 
 
 def _offline_weights(name: str, timm_name: str, model: nn.Module, weights: str | None, error: Exception | None) -> str:
@@ -386,6 +405,7 @@ register_model(ModelSpec(
     default_drop_rate=0.2,
     gap_linear_head=True,
     cam_layer=lambda m: m.stages[-1],
+    norms=SMALLCNN_NORMS,
 ))
 register_model(ModelSpec(
     name="resnet18",
@@ -535,6 +555,16 @@ def freeze_backbone_layers(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_norm(name: str, norm: str | None) -> None:
+    """Raise ``ValueError`` unless model ``name`` offers normalisation ``norm`` (None: its default)."""
+    spec = MODEL_REGISTRY.get(str(name).strip().lower())
+    if norm is None or spec is None or norm in spec.norms:
+        return
+    others = [m.name for m in MODEL_REGISTRY.values() if norm in m.norms]
+    raise ValueError(f"norm {norm!r} is not available for {spec.name}, which offers {', '.join(spec.norms)}"
+                     + (f"; norm {norm!r} is for {', '.join(others)}" if others else "") + ".")
+
+
 def create_model(
     name: str,
     labels: str | Sequence[str],
@@ -544,6 +574,7 @@ def create_model(
     freeze_backbone: bool = False,
     drop_rate: float | None = None,
     pretrained_weights: str | None = None,
+    norm: str | None = None,
 ) -> nn.Module:
     """Build a registered model for ``labels`` (a task name such as ``"malaria"`` or a list of names).
 
@@ -555,6 +586,8 @@ def create_model(
     ``image_size`` sets the square input size recorded in the model's preprocessing config.
     ``pretrained_weights`` (a safetensors file or a plain state dict) replaces the download; offline,
     a package that ships the weights is used when installed (see :mod:`cellhub.weights`).
+    ``norm`` picks the normalisation layers where the model offers a choice (the small CNN:
+    ``"batch"`` or ``"group"``); None is the model's default.
     """
     key = str(name).strip().lower()
     if key not in MODEL_REGISTRY:
@@ -567,10 +600,12 @@ def create_model(
     drop = spec.default_drop_rate if drop_rate is None else float(drop_rate)
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    check_norm(spec.name, norm)
     use_pretrained = (bool(pretrained) and spec.has_pretrained) or bool(pretrained_weights)
 
+    extra = {"norm": norm} if norm is not None and len(spec.norms) > 1 else {}
     model = spec.builder(num_classes=len(label_names), pretrained=use_pretrained, drop_rate=drop,
-                         image_size=size, labels=label_names, task=task, weights=pretrained_weights)
+                         image_size=size, labels=label_names, task=task, weights=pretrained_weights, **extra)
     source = model.__dict__.pop("cellhub_weights_source", None)
     pcfg = model.pretrained_cfg
     model.cellhub_config = {
@@ -586,6 +621,8 @@ def create_model(
         "pretrained_cfg": data_config_from_pretrained_cfg(pcfg),
         "abstention_threshold": None,
     }
+    if len(spec.norms) > 1:
+        model.cellhub_config["norm"] = model.norm
     if freeze_backbone:
         freeze_backbone_layers(model)
     n_params = sum(p.numel() for p in model.parameters())

@@ -331,3 +331,35 @@ def test_cv_errors_draws_the_out_of_fold_errors_of_one_label(tmp_path: Path) -> 
     (tmp_path / "other").mkdir()
     with pytest.raises(SystemExit, match="not under"):
         cv_errors.main([str(run), "--root", str(tmp_path / "other"), "--out", str(out)])
+
+
+def test_other_lab_scores_both_checkpoints_on_every_image_and_pairs_them(tmp_path: Path) -> None:
+    """bench/other_lab.py: a model that always says "parasitized" against one that always says
+    "uninfected", on a folder of 6 parasitized and 3 uninfected cells (4 patients)."""
+    import torch
+
+    import other_lab
+    from cellhub import create_model
+    from cellhub.hub import save_pretrained
+    from cellhub.synthetic import write_imagefolder
+
+    data = write_imagefolder(tmp_path / "lab", task="malaria", n_per_class=6, size=32, splits=None)
+    for f in sorted((data / "uninfected").iterdir())[:3]:
+        f.unlink()
+    runs = []
+    for k in (0, 1):  # k: the class the model always predicts
+        m = create_model("smallcnn", "malaria", pretrained=False, image_size=32)
+        with torch.no_grad():
+            m.head.bias.copy_(torch.tensor([50.0, -50.0]) * (1 if k == 0 else -1))
+        runs.append(str(save_pretrained(m, tmp_path / f"always-{k}")))
+    out = other_lab.score(runs, str(data), cache_dir=str(tmp_path / "cache"), n_boot=200, progress=False)
+    assert out["n_images"] == 9 and out["task"] == "malaria"
+    a, b = (out["checkpoints"][r] for r in runs)
+    assert a["accuracy"] == pytest.approx(6 / 9) and b["accuracy"] == pytest.approx(3 / 9)
+    assert a["recall"] == {"parasitized": 1.0, "uninfected": 0.0}
+    assert out["b_minus_a"]["points"] == pytest.approx(-100 / 3)
+    lo, hi = out["b_minus_a"]["ci95"]
+    assert lo <= -100 / 3 <= hi
+    blood = save_pretrained(create_model("smallcnn", "blood-cells", pretrained=False, image_size=32), tmp_path / "b")
+    with pytest.raises(SystemExit, match="different tasks"):
+        other_lab.score([runs[0], str(blood)], str(data), progress=False)

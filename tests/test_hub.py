@@ -89,10 +89,17 @@ def offline_cache(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [*MODEL_NAMES, "smallcnn:group"])
 def test_round_trip_identical_logits_and_labels_everywhere(name, tmp_path):
     torch.manual_seed(0)
-    model = create_model(name, "blood-cells", pretrained=False, image_size=SIZE).eval()
+    name, _, norm = name.partition(":")  # "smallcnn:group": the small CNN with GroupNorm
+    model = create_model(name, "blood-cells", pretrained=False, image_size=SIZE, norm=norm or None).eval()
+    if norm:  # trained GroupNorm affine parameters, not the identity they start as
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.GroupNorm):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
     folder = save_pretrained(model, tmp_path / name)
     assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
     assert not list(folder.glob("*.bin"))  # never a pickle
@@ -141,6 +148,13 @@ def test_round_trip_identical_logits_and_labels_everywhere(name, tmp_path):
         torch.testing.assert_close(hf(pixel_values=x).logits, ref, rtol=1e-5, atol=1e-5)
     out = pipe(img)
     assert sorted(o["label"] for o in out) == sorted(BLOOD)
+    if norm:  # every loader rebuilt GroupNorm layers, and the card says so
+        for m in (loaded, tm, hf):
+            kinds = {type(x).__name__ for x in m.modules()}
+            assert "GroupNorm" in kinds and "BatchNorm2d" not in kinds
+        assert config["cellhub"]["norm"] == "group" and "conv-GroupNorm-ReLU" in (folder / "README.md").read_text()
+    elif name == "smallcnn":
+        assert "conv-BatchNorm-ReLU" in (folder / "README.md").read_text()
     probs = ref.softmax(-1)[0]
     for o in out:
         assert o["score"] == pytest.approx(probs[BLOOD.index(o["label"])].item(), abs=1e-5)

@@ -180,6 +180,11 @@ def test_bad_settings_fail_early():
         TrainConfig(dataset="x", select_metric="auc").validate()
     with pytest.raises(ValueError, match="select_from_epoch"):
         TrainConfig(dataset="x", epochs=4, select_from_epoch=5).validate()
+    with pytest.raises(ValueError, match="norm 'group' is not available for vgg16"):
+        TrainConfig(dataset="x", model="vgg16", norm="group").validate()
+    with pytest.raises(ValueError, match="--init-from"):
+        TrainConfig(dataset="x", norm="group", init_from="some/checkpoint").validate()
+    TrainConfig(dataset="x", norm="group").validate()
 
 
 def test_loss_drop_leaves_the_largest_losses_of_a_batch_out():
@@ -204,13 +209,17 @@ def test_loss_drop_leaves_the_largest_losses_of_a_batch_out():
 
 def test_the_saved_epoch_is_chosen_from_select_from_epoch_on(blood, tmp_path):
     kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20, save_checkpoints=False)
-    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", select_from_epoch=3, loss_drop=0.1, **kw))
+    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", select_from_epoch=3, loss_drop=0.1, norm="group", **kw))
     assert m["best_epoch"] == 3
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["best"] for h in history] == [False, False, True]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["cellhub"]["recipe"]["select_from_epoch"] == 3
     assert cfg["cellhub"]["recipe"]["loss_drop"] == 0.1  # the recipe records it
+    assert cfg["cellhub"]["recipe"]["norm"] == "group" and cfg["cellhub"]["norm"] == "group"
+    from cellhub.hub import load_pretrained
+
+    assert isinstance(load_pretrained(tmp_path / "run").stages[0][0][1], torch.nn.GroupNorm)
 
 
 def test_model_from_checkpoint_keeps_the_backbone_and_replaces_a_foreign_head(tmp_path):
@@ -234,6 +243,9 @@ def test_model_from_checkpoint_keeps_the_backbone_and_replaces_a_foreign_head(tm
     assert other.cellhub_config["labels"] == ["parasitized", "uninfected"]
     assert other.cellhub_config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     assert "same labels" in notes[0] and "new classifier head" in notes[1]
+    grouped = save_pretrained(create_model("smallcnn", "blood-cells", pretrained=False, image_size=40, norm="group"),
+                              tmp_path / "grouped")  # the checkpoint's normalisation layers are kept
+    assert model_from_checkpoint(str(grouped), ["a", "b"]).cellhub_config["norm"] == "group"
     svm_dir = tmp_path / "svm"
     SVMClassifier(["a", "b"]).fit(np.random.default_rng(0).normal(size=(20, 4)), [0, 1] * 10).save_pretrained(svm_dir)
     with pytest.raises(ValueError, match="SVM"):

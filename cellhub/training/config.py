@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..tasks import GROUP_BY, GROUP_BY_HELP
-from ..models import available_models
+from ..models import available_models, check_norm
 from ..transforms import CELL_CROPS, cell_crop_spec
 
 __all__ = ["TrainConfig", "SELECT_METRICS", "MIXED_PRECISION", "add_config_arguments", "config_from_namespace"]
@@ -68,6 +68,9 @@ class TrainConfig:
     stain_jitter: float = _opt(0.1, "colour augmentation: brightness, contrast and saturation jitter (hue: a fifth "
                                     "of it)", "optimisation")
     scale_jitter: float = _opt(0.0, "scale augmentation: random zoom up to 1 + this", "optimisation")
+    norm: str | None = _opt(None, "normalisation layers of the small CNN: batch (BatchNorm, the default) or group "
+                                  "(GroupNorm: each image normalised by its own statistics, in training and "
+                                  "prediction alike)", "model", choices=("batch", "group"))
     freeze_backbone: bool = _opt(False, "train only the classifier head", "model")
     init_from: str | None = _opt(None, "start from this cellhub checkpoint (folder or Hub id): its architecture, "
                                        "weights and preprocessing (--image-size changes the size); a new head when "
@@ -150,6 +153,10 @@ class TrainConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}.")
         cell_crop_spec(self.cell_crop)  # ValueError naming the choices
+        if self.norm is not None and self.init_from:
+            raise ValueError(f"--norm {self.norm} with --init-from: the model keeps its checkpoint's normalisation "
+                             "layers; drop --norm.")
+        check_norm(self.model, self.norm)
         if not 0.0 <= self.stain_jitter <= 1.0:
             raise ValueError(f"stain_jitter must be in [0, 1], got {self.stain_jitter}.")
         if not 0.0 <= self.scale_jitter <= 1.0:

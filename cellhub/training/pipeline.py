@@ -202,7 +202,8 @@ def model_from_checkpoint(source: str, labels: Sequence[str], *, image_size: int
         raise ValueError(f"--init-from {source}: model {name!r} is not one of {', '.join(models.available_models())}.")
     size = int(image_size or cc["pretrained_cfg"]["input_size"][-1])
     drop = drop_rate if drop_rate is not None else cc.get("drop_rate")
-    model = models.create_model(name, list(labels), pretrained=False, image_size=size, drop_rate=drop)
+    model = models.create_model(name, list(labels), pretrained=False, image_size=size, drop_rate=drop,
+                                norm=cc.get("norm"))
     same = [str(x) for x in cc["labels"]] == [str(x) for x in labels]
     head = _classifier_prefix(model) + "."
     state = {k: v for k, v in old.state_dict().items() if same or not k.startswith(head)}
