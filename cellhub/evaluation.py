@@ -26,7 +26,7 @@ from .images import to_rgb
 from .metrics import classification_metrics
 from .models import resolve_device
 
-__all__ = ["predict_dataset", "evaluate_model", "evaluate", "select_split", "run_evaluate"]
+__all__ = ["predict_dataset", "adapt_batchnorm", "evaluate_model", "evaluate", "select_split", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,55 @@ def predict_dataset(
     if not out:
         raise ValueError("The evaluation split is empty.")
     return torch.cat(out).numpy().astype(np.float64)
+
+
+def adapt_batchnorm(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    num_workers: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> int:
+    """Re-estimate every BatchNorm layer's running mean and variance on ``dataset``'s images (AdaBN).
+
+    The statistics a BatchNorm model learned describe its training lab's images; on another lab's
+    stain and camera they are off, and every layer after them sees shifted inputs. This replaces
+    them with the average over ``dataset`` (its labels are not read), in shuffled order (a split
+    sorted by class would otherwise tilt the estimate of the later layers), the model's own eval
+    preprocessing, no gradients. The weights are unchanged; the model is left in eval mode.
+    Returns how many layers were re-estimated: 0 for a model without BatchNorm (a GroupNorm small
+    CNN normalises each image by its own statistics and has nothing to adapt).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    if len(dataset) == 0:
+        raise ValueError("No images to re-estimate the BatchNorm statistics on.")
+    device = resolve_device(device)
+    tf = transforms.eval_transform(transforms.resolve_data_config(model))
+    shuffled = dataset.shuffle(seed=seed)
+    read, to_image = _row_reader(shuffled)
+    momenta = [bn.momentum for bn in bns]
+    model.eval().to(device)
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over every batch, not an exponential one
+        bn.train()
+    bar = tqdm(total=len(shuffled), desc="re-estimating BatchNorm", unit="img", disable=not progress)
+    try:
+        with torch.no_grad():
+            for _start, _chunk, tensors in iter_decoded(range(len(shuffled)), lambda i, raw: tf(to_image(i, raw)),
+                                                        read=read, chunk_size=batch_size, workers=num_workers):
+                model(torch.stack(tensors).to(device))
+                bar.update(len(tensors))
+    finally:
+        bar.close()
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.eval()
+    return len(bns)
 
 
 def _model_labels(model: nn.Module) -> list[str]:

@@ -360,6 +360,10 @@ def test_other_lab_scores_both_checkpoints_on_every_image_and_pairs_them(tmp_pat
     assert out["b_minus_a"]["points"] == pytest.approx(-100 / 3)
     lo, hi = out["b_minus_a"]["ci95"]
     assert lo <= -100 / 3 <= hi
+    adapted = other_lab.score(runs, str(data), cache_dir=str(tmp_path / "cache"), n_boot=200, progress=False,
+                              adapt_bn=True)
+    assert adapted["adapt_bn"] and all(m["batchnorm_layers_adapted"] > 0 for m in adapted["checkpoints"].values())
+    assert adapted["checkpoints"][runs[0]]["accuracy"] == pytest.approx(6 / 9)  # a ±50 bias outweighs any statistics
     blood = save_pretrained(create_model("smallcnn", "blood-cells", pretrained=False, image_size=32), tmp_path / "b")
     with pytest.raises(SystemExit, match="different tasks"):
         other_lab.score([runs[0], str(blood)], str(data), progress=False)
