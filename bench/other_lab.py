@@ -4,7 +4,8 @@
 
 Leave one lab out: train A and B on one lab's images only (the same data, seed and split; they
 differ in one setting), then score both on every image of the other lab, which neither saw. For
-each: accuracy with its group-bootstrap interval, macro-F1 and per-class recall; then B minus A
+each: accuracy with its group-bootstrap interval, macro-F1 and per-class recall, and the same for their consensus (probabilities
+averaged, as the app combines models); then B minus A
 with a paired bootstrap over the data's groups (Kaggle crops: fields; PBC: near-duplicates), the
 same resampling as ``bench/cv_compare.py``. Only the classes of the checkpoints' task are scored
 (PBC's four others are left out for the 4-class blood-cell task, as in training).
@@ -50,7 +51,7 @@ def score(checkpoints: list[str], data: str, *, cache_dir: str | None = None, n_
     names = list(labels.pop())
     out: dict = {"data": data, "split": name, "task": task, "n_images": int(len(y)),
                  "n_groups": int(len(np.unique(groups))), "adapt_bn": adapt_bn, "checkpoints": {}}
-    correct = []
+    correct, all_probs = [], []
     for ckpt, model in zip(checkpoints, models):
         n_bn = adapt_batchnorm(model, ds, progress=progress) if adapt_bn else 0
         probs = predict_dataset(model, ds, progress=progress)
@@ -61,6 +62,11 @@ def score(checkpoints: list[str], data: str, *, cache_dir: str | None = None, n_
             "confusion": m["confusion_matrix"], "batchnorm_layers_adapted": n_bn,
         }
         correct.append((probs.argmax(1) == y).astype(np.float64))
+        all_probs.append(probs)
+    if len(checkpoints) > 1:  # the app's consensus: the models' probabilities averaged
+        m = classification_metrics(y, np.mean(all_probs, axis=0), names, groups=list(groups), n_boot=n_boot, seed=0)
+        out["consensus"] = {"accuracy": m["accuracy"], "ci95": m["ci95"], "macro_f1": m["macro_f1"],
+                            "recall": {lab: m["per_class"][lab]["recall"] for lab in names}}
     if len(checkpoints) == 2:
         diff, ci = paired_difference(correct[0], correct[1], groups, n_boot)
         out["b_minus_a"] = {"points": 100 * diff, "ci95": [100 * ci[0], 100 * ci[1]]}
@@ -85,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         rec = ", ".join(f"{k} {v:.3f}" for k, v in m["recall"].items())
         adapted = f" (BatchNorm re-estimated here: {m['batchnorm_layers_adapted']} layers)" if args.adapt_bn else ""
         print(f"  {ckpt}{adapted}: accuracy {m['accuracy']:.4f} {format_ci(m['ci95'])}, "
+              f"macro-F1 {m['macro_f1']:.4f}; recall {rec}")
+    if "consensus" in out:
+        m = out["consensus"]
+        rec = ", ".join(f"{k} {v:.3f}" for k, v in m["recall"].items())
+        print(f"  consensus (probabilities averaged): accuracy {m['accuracy']:.4f} {format_ci(m['ci95'])}, "
               f"macro-F1 {m['macro_f1']:.4f}; recall {rec}")
     if "b_minus_a" in out:
         d = out["b_minus_a"]

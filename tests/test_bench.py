@@ -340,7 +340,7 @@ def test_other_lab_scores_both_checkpoints_on_every_image_and_pairs_them(tmp_pat
 
     import other_lab
     from cellhub import create_model
-    from cellhub.hub import save_pretrained
+    from cellhub.hub import load_pretrained, save_pretrained
     from cellhub.synthetic import write_imagefolder
 
     data = write_imagefolder(tmp_path / "lab", task="malaria", n_per_class=6, size=32, splits=None)
@@ -358,6 +358,13 @@ def test_other_lab_scores_both_checkpoints_on_every_image_and_pairs_them(tmp_pat
     assert a["accuracy"] == pytest.approx(6 / 9) and b["accuracy"] == pytest.approx(3 / 9)
     assert a["recall"] == {"parasitized": 1.0, "uninfected": 0.0}
     assert out["b_minus_a"]["points"] == pytest.approx(-100 / 3)
+    third = create_model("smallcnn", "malaria", pretrained=False, image_size=32)
+    third.load_state_dict(load_pretrained(runs[1]).state_dict())  # a second "always uninfected"
+    trio = other_lab.score(runs + [str(save_pretrained(third, tmp_path / "always-1b"))], str(data),
+                           cache_dir=str(tmp_path / "cache"), n_boot=200, progress=False)
+    assert "b_minus_a" not in trio  # paired only for two
+    assert trio["consensus"]["accuracy"] == pytest.approx(3 / 9)  # two of three say uninfected
+    assert trio["consensus"]["recall"] == {"parasitized": 0.0, "uninfected": 1.0}
     lo, hi = out["b_minus_a"]["ci95"]
     assert lo <= -100 / 3 <= hi
     adapted = other_lab.score(runs, str(data), cache_dir=str(tmp_path / "cache"), n_boot=200, progress=False,
