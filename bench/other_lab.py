@@ -4,9 +4,9 @@
 
 Leave one lab out: train A and B on one lab's images only (the same data, seed and split; they
 differ in one setting), then score both on every image of the other lab, which neither saw. For
-each: accuracy with its group-bootstrap interval, macro-F1 and per-class recall, and the same for their consensus (probabilities
-averaged, as the app combines models); then B minus A
-with a paired bootstrap over the data's groups (Kaggle crops: fields; PBC: near-duplicates), the
+each: accuracy with its group-bootstrap interval, macro-F1 and per-class recall, and the same for
+their consensus (probabilities averaged, as the app combines models); then B minus A with a paired
+bootstrap over the data's groups (Kaggle crops: fields; PBC: near-duplicates), the
 same resampling as ``bench/cv_compare.py``. Only the classes of the checkpoints' task are scored
 (PBC's four others are left out for the 4-class blood-cell task, as in training).
 

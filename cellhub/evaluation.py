@@ -9,6 +9,7 @@ cells / patients), so it reflects how many independent cells the number rests on
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,16 @@ def _memory_format(model: nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _eval_batches(model: nn.Module, dataset: Any, batch_size: int, num_workers: int | None) -> Iterator[torch.Tensor]:
+    """A split's rows in order, through the model's own eval transform, stacked ``batch_size`` at a
+    time (decoded ahead in threads by :func:`cellhub.batch.iter_decoded`)."""
+    tf = transforms.eval_transform(transforms.resolve_data_config(model))
+    read, to_image = _row_reader(dataset)
+    for _start, _chunk, tensors in iter_decoded(range(len(dataset)), lambda i, raw: tf(to_image(i, raw)),
+                                                read=read, chunk_size=batch_size, workers=num_workers):
+        yield torch.stack(tensors)
+
+
 @torch.no_grad()
 def predict_dataset(
     model: nn.Module,
@@ -81,8 +92,6 @@ def predict_dataset(
     and preprocessed in ``num_workers`` threads by the batch pipeline (:func:`cellhub.batch.iter_decoded`).
     """
     device = resolve_device(device)
-    tf = transforms.eval_transform(transforms.resolve_data_config(model))
-    read, to_image = _row_reader(dataset)
     was_training = model.training
     model.eval().to(device)
     # channels_last: ~1.5x faster CPU convolutions at batch 64 (bench/RESULTS.md; Predictor does the same)
@@ -91,12 +100,10 @@ def predict_dataset(
     model.to(memory_format=fmt)
     out = []
     bar = tqdm(total=len(dataset), desc="evaluating", unit="img", disable=not progress)
-    chunks = iter_decoded(range(len(dataset)), lambda i, raw: tf(to_image(i, raw)), read=read,
-                          chunk_size=batch_size, workers=num_workers)
-    for _start, _chunk, tensors in chunks:
-        logits = model(torch.stack(tensors).to(device).contiguous(memory_format=fmt))
+    for batch in _eval_batches(model, dataset, batch_size, num_workers):
+        logits = model(batch.to(device).contiguous(memory_format=fmt))
         out.append(torch.softmax(logits.float(), dim=1).cpu())
-        bar.update(len(tensors))
+        bar.update(len(batch))
     bar.close()
     model.to(memory_format=before).train(was_training)
     if not out:
@@ -129,9 +136,7 @@ def adapt_batchnorm(
     if len(dataset) == 0:
         raise ValueError("No images to re-estimate the BatchNorm statistics on.")
     device = resolve_device(device)
-    tf = transforms.eval_transform(transforms.resolve_data_config(model))
     shuffled = dataset.shuffle(seed=seed)
-    read, to_image = _row_reader(shuffled)
     momenta = [bn.momentum for bn in bns]
     model.eval().to(device)
     for bn in bns:
@@ -141,10 +146,9 @@ def adapt_batchnorm(
     bar = tqdm(total=len(shuffled), desc="re-estimating BatchNorm", unit="img", disable=not progress)
     try:
         with torch.no_grad():
-            for _start, _chunk, tensors in iter_decoded(range(len(shuffled)), lambda i, raw: tf(to_image(i, raw)),
-                                                        read=read, chunk_size=batch_size, workers=num_workers):
-                model(torch.stack(tensors).to(device))
-                bar.update(len(tensors))
+            for batch in _eval_batches(model, shuffled, batch_size, num_workers):
+                model(batch.to(device))
+                bar.update(len(batch))
     finally:
         bar.close()
         for bn, momentum in zip(bns, momenta):
