@@ -34,6 +34,12 @@ from cellhub.hub import load_pretrained  # noqa: E402
 from cellhub.metrics import classification_metrics, format_ci  # noqa: E402
 
 
+def _summary(m: dict, names: list[str]) -> dict:
+    """The figures reported for one set of predictions: accuracy, its interval, macro-F1, recall per class."""
+    return {"accuracy": m["accuracy"], "ci95": m["ci95"], "macro_f1": m["macro_f1"],
+            "recall": {lab: m["per_class"][lab]["recall"] for lab in names}}
+
+
 def score(checkpoints: list[str], data: str, *, cache_dir: str | None = None, n_boot: int = 2000,
           progress: bool = True, adapt_bn: bool = False) -> dict:
     """Every checkpoint's metrics on all of ``data`` and, for two, the paired difference B - A."""
@@ -56,17 +62,13 @@ def score(checkpoints: list[str], data: str, *, cache_dir: str | None = None, n_
         n_bn = adapt_batchnorm(model, ds, progress=progress) if adapt_bn else 0
         probs = predict_dataset(model, ds, progress=progress)
         m = classification_metrics(y, probs, names, groups=list(groups), n_boot=n_boot, seed=0)
-        out["checkpoints"][ckpt] = {
-            "accuracy": m["accuracy"], "ci95": m["ci95"], "macro_f1": m["macro_f1"],
-            "recall": {lab: m["per_class"][lab]["recall"] for lab in names},
-            "confusion": m["confusion_matrix"], "batchnorm_layers_adapted": n_bn,
-        }
+        out["checkpoints"][ckpt] = {**_summary(m, names), "confusion": m["confusion_matrix"],
+                                    "batchnorm_layers_adapted": n_bn}
         correct.append((probs.argmax(1) == y).astype(np.float64))
         all_probs.append(probs)
     if len(checkpoints) > 1:  # the app's consensus: the models' probabilities averaged
         m = classification_metrics(y, np.mean(all_probs, axis=0), names, groups=list(groups), n_boot=n_boot, seed=0)
-        out["consensus"] = {"accuracy": m["accuracy"], "ci95": m["ci95"], "macro_f1": m["macro_f1"],
-                            "recall": {lab: m["per_class"][lab]["recall"] for lab in names}}
+        out["consensus"] = _summary(m, names)
     if len(checkpoints) == 2:
         diff, ci = paired_difference(correct[0], correct[1], groups, n_boot)
         out["b_minus_a"] = {"points": 100 * diff, "ci95": [100 * ci[0], 100 * ci[1]]}

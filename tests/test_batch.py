@@ -31,15 +31,19 @@ def test_iter_decoded_keeps_order_and_reads_in_sequence():
     assert list(iter_decoded([], lambda i, r: r)) == []
 
 
-def test_predict_dataset_equals_the_model_on_each_image(tmp_path):
-    torch.manual_seed(0)
-    model = create_model("smallcnn", "malaria", pretrained=False, image_size=32).eval()
+def _cells_dataset(tmp_path, n):
     paths = []
-    for i in range(7):
+    for i in range(n):
         img, _ = draw_malaria_cell("parasitized" if i % 2 else "uninfected", size=48, seed=i)
         paths.append(str(tmp_path / f"c{i}.png"))
         img.save(paths[-1])
-    ds = Dataset.from_dict({"image": paths, "label": [0] * 7}, features=Features(image=Image(), label=Value("int64")))
+    return Dataset.from_dict({"image": paths, "label": [0] * n}, features=Features(image=Image(), label=Value("int64")))
+
+
+def test_predict_dataset_equals_the_model_on_each_image(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("smallcnn", "malaria", pretrained=False, image_size=32).eval()
+    ds = _cells_dataset(tmp_path, 7)
     tf = transforms.eval_transform(transforms.resolve_data_config(model))
     with torch.no_grad():
         expected = torch.softmax(model(torch.stack([tf(ds[i]["image"]) for i in range(7)])), 1).numpy()
@@ -48,15 +52,6 @@ def test_predict_dataset_equals_the_model_on_each_image(tmp_path):
     px = ds.map(lambda r: {"pixels": np.asarray(r["image"].convert("RGB").resize((32, 32)))},
                 remove_columns=["image"])
     assert predict_dataset(model, px, batch_size=4, progress=False).shape == (7, 2)
-
-
-def _cells_dataset(tmp_path, n):
-    paths = []
-    for i in range(n):
-        img, _ = draw_malaria_cell("parasitized" if i % 2 else "uninfected", size=48, seed=i)
-        paths.append(str(tmp_path / f"c{i}.png"))
-        img.save(paths[-1])
-    return Dataset.from_dict({"image": paths, "label": [0] * n}, features=Features(image=Image(), label=Value("int64")))
 
 
 def test_adapt_batchnorm_re_estimates_the_statistics_on_the_new_images(tmp_path):
