@@ -1,4 +1,5 @@
-"""One batch pipeline: many files (folders, zips) -> every model's predictions and their consensus.
+"""One batch pipeline: many files (folders, zips) -> every model's predictions and their consensus (and the
+results CSV, streamed and resumable).
 
 :func:`iter_decoded` is the engine: chunks of inputs read and decoded in threads (and run through
 each model's preprocessing there), the next chunk while the caller runs the models on this one,
@@ -28,7 +29,8 @@ from .images import DEFAULT_LIMITS, ImageRef, InputError, Limits, read_image
 from .predict import Consensus, Prediction, Predictor, consensus
 from .serving import cpu_cores
 
-__all__ = ["BatchResult", "class_counts", "predict_files", "iter_decoded", "ProgressFn"]
+__all__ = ["BatchResult", "class_counts", "predict_files", "decode_files", "DecodedChunk", "iter_decoded", "ProgressFn",
+           "CsvStream", "csv_parts", "done_rows", "merge_csv_parts"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +187,49 @@ def _decoder(transforms: Sequence[Callable[[Image.Image], torch.Tensor]], limits
     return decode
 
 
+@dataclass
+class DecodedChunk:
+    """One chunk of :func:`decode_files`: the images that decoded, their tensors (one per transform),
+    and the ``(name, reason)`` of those that did not."""
+
+    start: int
+    refs: list[ImageRef]
+    images: list[Image.Image]
+    tensors: list[list[torch.Tensor]]
+    skipped: list[tuple[str, str]]
+
+
+def decode_files(
+    refs: Sequence[ImageRef],
+    transforms: Sequence[Callable[[Image.Image], torch.Tensor]],
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    check_cells: bool = True,
+    task: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+) -> Iterator[DecodedChunk]:
+    """Read, check and preprocess ``refs`` ``batch_size`` at a time, in threads (:func:`iter_decoded`).
+
+    Each image is run through every one of ``transforms``. A file that cannot be read or decoded,
+    or (with ``check_cells``) that is not a stained blood-cell image or is a whole microscope field
+    where a crop is expected, is not decoded further: it comes back in the chunk's ``skipped`` with
+    the reason.
+    """
+    decode = _decoder(transforms, limits, check_cells, task)
+    for start, chunk, decoded in iter_decoded(list(refs), decode, read=lambda c: _read_blobs(c, limits),
+                                              chunk_size=batch_size, workers=workers):
+        out = DecodedChunk(start, [], [], [], [])
+        for ref, item in zip(chunk, decoded):
+            if isinstance(item, InputError):
+                out.skipped.append((ref.name, str(item).removeprefix(f"{ref.name}: ")))
+            else:
+                out.refs.append(ref)
+                out.images.append(item[0])
+                out.tensors.append(item[1])
+        yield out
+
+
 def predict_files(
     predictors: Sequence[Predictor],
     refs: Sequence[ImageRef],
@@ -231,18 +276,11 @@ def predict_files(
     which = [distinct.index(k) for k in keys]
 
     tasks = {str(p.task) for p in predictors}
-    decode = _decoder(transforms, limits, check_cells, tasks.pop() if len(tasks) == 1 else None)
-    chunks = iter_decoded(list(refs), decode, read=lambda chunk: _read_blobs(chunk, limits),
-                          chunk_size=batch_size, workers=workers)
-    for start, chunk, decoded in chunks:
-        good_refs, images, tensors = [], [], []
-        for ref, item in zip(chunk, decoded):
-            if isinstance(item, InputError):
-                result.skipped.append((ref.name, str(item).removeprefix(f"{ref.name}: ")))
-            else:
-                good_refs.append(ref)
-                images.append(item[0])
-                tensors.append(item[1])
+    chunks = decode_files(refs, transforms, limits=limits, check_cells=check_cells,
+                          task=tasks.pop() if len(tasks) == 1 else None, batch_size=batch_size, workers=workers)
+    for chunk in chunks:
+        result.skipped += chunk.skipped
+        good_refs, images, tensors = chunk.refs, chunk.images, chunk.tensors
         if images:
             # each model runs the chunk in its own forward batches (8 on the CPU: faster per image)
             per_model = {
@@ -257,7 +295,69 @@ def predict_files(
             if on_chunk is not None:
                 on_chunk(good_refs, images, chunk_preds)
         if progress:
-            done = min(start + batch_size, total)
+            done = min(chunk.start + batch_size, total)
             progress(done, total, f"{done}/{total} images")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# ----------------------------------------------------------------------------- results CSV
+def csv_parts(path: Path) -> list[Path]:
+    """The per-process files of an ``accelerate launch`` run writing ``path`` (``path.part0``, ...), in rank order."""
+    parts = path.parent.glob(path.name + ".part*")
+    return sorted((p for p in parts if p.name[len(path.name) + 5:].isdigit()),
+                  key=lambda p: int(p.name[len(path.name) + 5:]))
+
+
+def done_rows(path: Path | None, header: list[str]) -> set[str]:
+    """Files an earlier run already wrote to ``path`` (and to its per-process parts, if it was cut off)."""
+    done: set[str] = set()
+    if path is None:
+        return done
+    for f in [path, *csv_parts(path)]:
+        if not f.is_file() or f.stat().st_size == 0:
+            continue
+        with open(f, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        if rows and rows[0] != header:
+            raise ValueError(f"--resume: {f} has the columns {rows[0]}, not {header}: it was written by "
+                             "other models. Use a new --csv file.")
+        done |= {r[0] for r in rows[1:] if r}
+    return done
+
+
+class CsvStream:
+    """The results CSV, written a chunk at a time (flushed); appended to when resuming."""
+
+    def __init__(self, path: Path | None, header: list[str], append: bool) -> None:
+        self.path = path
+        self._fh = self._writer = None
+        if path is None:
+            return
+        fresh = not (append and path.is_file() and path.stat().st_size > 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "w" if fresh else "a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._fh)
+        if fresh:
+            self._writer.writerow(header)
+
+    def write(self, rows: list[list[Any]]) -> None:
+        if self._writer is not None:
+            self._writer.writerows(rows)
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def merge_csv_parts(path: Path, header: list[str], resume: bool) -> None:
+    """Append the per-process parts' rows to ``path`` in rank order (the input order), then delete them."""
+    out = CsvStream(path, header, append=resume)
+    try:
+        for part in csv_parts(path):
+            with open(part, newline="", encoding="utf-8") as fh:
+                out.write(list(csv.reader(fh))[1:])
+            part.unlink()
+    finally:
+        out.close()

@@ -1,4 +1,4 @@
-"""``python -m cellhub audit|evaluate|predict|analyze ...``: the command line, over the library's functions.
+"""``python -m cellhub audit|evaluate|predict|analyze|adapt ...``: the command line, over the library's functions.
 
 Each subcommand is a thin layer: parse, call one library function, print, exit 0 (done), 2 (bad
 input, with a message that says what to do). Library modules register nothing here.
@@ -176,73 +176,6 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
-def _csv_parts(path: Path) -> list[Path]:
-    """The per-process files of an ``accelerate launch`` run writing ``path`` (``path.part0``, ...), in rank order."""
-    parts = path.parent.glob(path.name + ".part*")
-    return sorted((p for p in parts if p.name[len(path.name) + 5:].isdigit()),
-                  key=lambda p: int(p.name[len(path.name) + 5:]))
-
-
-def _done_rows(path: Path | None, header: list[str]) -> set[str]:
-    """Files an earlier run already wrote to ``path`` (and to its per-process parts, if it was cut off)."""
-    import csv
-
-    done: set[str] = set()
-    if path is None:
-        return done
-    for f in [path, *_csv_parts(path)]:
-        if not f.is_file() or f.stat().st_size == 0:
-            continue
-        with open(f, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
-        if rows and rows[0] != header:
-            raise SystemExit(f"--resume: {f} has the columns {rows[0]}, not {header}: it was written by "
-                             "other models. Use a new --csv file.")
-        done |= {r[0] for r in rows[1:] if r}
-    return done
-
-
-class _CsvStream:
-    """The results CSV, written a chunk at a time (flushed); appended to when resuming."""
-
-    def __init__(self, path: Path | None, header: list[str], append: bool) -> None:
-        import csv
-
-        self.path = path
-        self._fh = self._writer = None
-        if path is None:
-            return
-        fresh = not (append and path.is_file() and path.stat().st_size > 0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "w" if fresh else "a", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._fh)
-        if fresh:
-            self._writer.writerow(header)
-
-    def write(self, rows: list[list[Any]]) -> None:
-        if self._writer is not None:
-            self._writer.writerows(rows)
-            self._fh.flush()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-
-
-def _merge_parts(path: Path, header: list[str], resume: bool) -> None:
-    """Append the per-process parts' rows to ``path`` in rank order (the input order), then delete them."""
-    import csv
-
-    out = _CsvStream(path, header, append=resume)
-    try:
-        for part in _csv_parts(path):
-            with open(part, newline="", encoding="utf-8") as fh:
-                out.write(list(csv.reader(fh))[1:])
-            part.unlink()
-    finally:
-        out.close()
-
-
 def _cam_saver(predictor: Any, cam_dir: Path) -> Any:
     """``save(refs, images, preds)``: one overlay PNG per image, under a unique name."""
     cam_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +196,7 @@ def _cam_saver(predictor: Any, cam_dir: Path) -> Any:
 def _predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .batch import BatchResult, predict_files
+    from .batch import BatchResult, CsvStream, csv_parts, done_rows, merge_csv_parts, predict_files
     from .distributed import Processes
     from .images import InputError, Limits, collect_images
     from .predict import Predictor
@@ -287,20 +220,23 @@ def _predict(args: argparse.Namespace) -> int:
     except InputError as exc:
         raise SystemExit(str(exc)) from exc
     layout = BatchResult(models=[predictor.name], labels=list(predictor.labels))
-    done = _done_rows(args.csv, layout.header()) if args.resume else set()
+    try:
+        done = done_rows(args.csv, layout.header()) if args.resume else set()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     before = len(refs)
     refs = [r for r in refs if r.name not in done]
     if done and procs.is_main:
         print(f"--resume: {before - len(refs)} image(s) already in {args.csv}; {len(refs)} to go")
     if args.csv is not None and procs.is_main and not args.resume:
-        for stale in _csv_parts(args.csv):  # left by an earlier, interrupted run: not this run's rows
+        for stale in csv_parts(args.csv):  # left by an earlier, interrupted run: not this run's rows
             stale.unlink()
     procs.barrier()  # every process has read what is done (and stale parts are gone) before any writes
     refs = [refs[i] for i in procs.shard(len(refs))]
     out_csv = args.csv
     if args.csv is not None and procs.world > 1:
         out_csv = args.csv.with_name(f"{args.csv.name}.part{procs.rank}")
-    stream = _CsvStream(out_csv, layout.header(), append=args.resume)
+    stream = CsvStream(out_csv, layout.header(), append=args.resume)
     save_cams = _cam_saver(predictor, args.cam_dir) if args.cam_dir is not None else None
     bar = tqdm(total=len(refs), unit="img", desc="predict" if procs.world == 1 else f"predict [{procs.rank}]",
                smoothing=0.1, position=procs.rank)
@@ -328,7 +264,7 @@ def _predict(args: argparse.Namespace) -> int:
     if procs.world > 1:
         result = _gathered(result, procs)
         if args.csv is not None and procs.is_main:
-            _merge_parts(args.csv, layout.header(), resume=args.resume)
+            merge_csv_parts(args.csv, layout.header(), resume=args.resume)
         procs.close()
         if not procs.is_main:
             return 0
@@ -382,7 +318,7 @@ def _add_analyze(subparsers: Any) -> None:
         description="Analyse photos of whole microscope fields (one smear: files, folders, .zip): find every "
         "white cell, red cell and platelet, classify the white cells (blood-cell models) and/or the red cells "
         "(malaria models) with every CHECKPOINT, and pool the differential or the parasitemia over the fields "
-        "with 95%% Wilson intervals. Arguments that are checkpoint folders (holding config.json) or Hub ids "
+        "with 95% Wilson intervals. Arguments that are checkpoint folders (holding config.json) or Hub ids "
         "come first; the rest are inputs.",
     )
     p.add_argument("items", nargs="+", metavar="CHECKPOINT... INPUT...",
@@ -481,15 +417,55 @@ def _print_fields(result: Any) -> None:
                   f"{100 * s['malaria_half_width']:g} points")
 
 
+# ---------------------------------------------------------------------------------- adapt
+def _adapt(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .adapt import describe, run_adapt
+
+    with tqdm(unit="img", desc="re-estimating BatchNorm", disable=args.no_progress) as bar:
+        try:
+            out, report = run_adapt(args.checkpoint, args.inputs, args.out, min_images=args.min_images,
+                                    check_cells=args.cell_check, overwrite=args.overwrite, seed=args.seed,
+                                    progress=bar.update)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(describe(report, out))
+    return 0
+
+
+def _add_adapt(subparsers: Any) -> None:
+    from .adapt import MIN_IMAGES
+
+    p = subparsers.add_parser(
+        "adapt", help="fit a checkpoint to your lab's images without labels (re-estimate its BatchNorm statistics)",
+        description="Re-estimate CHECKPOINT's BatchNorm statistics on your lab's own single-cell crops (AdaBN: no "
+                    "labels, the weights are unchanged) and write the adapted checkpoint to --out. Give crops of the "
+                    "kind you will classify, as they come (not one class only); images that are not blood-cell "
+                    "crops are skipped. See README, 'Adapt a model to your lab's images'.")
+    p.add_argument("checkpoint", help="checkpoint folder or Hugging Face Hub model id (a BatchNorm model)")
+    p.add_argument("inputs", nargs="+", help="your lab's cell images: files, folders (searched recursively) or .zip")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the adapted checkpoint to")
+    p.add_argument("--min-images", type=int, default=MIN_IMAGES,
+                   help=f"refuse with fewer usable images than this (default {MIN_IMAGES})")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
+    p.add_argument("--no-cell-check", dest="cell_check", action="store_false",
+                   help="use every image, also those that do not look like a stained blood-cell crop")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order the images are read in")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_adapt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m cellhub`` parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="python -m cellhub",
         description="Classify (predict), score (evaluate) and check for leaks (audit) blood-smear cell images; "
-                    "analyse whole microscope fields (analyze).")
+                    "analyse whole microscope fields (analyze); fit a checkpoint to your lab's images (adapt).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_audit, _add_evaluate, _add_predict, _add_analyze):
+    for add in (_add_audit, _add_evaluate, _add_predict, _add_analyze, _add_adapt):
         add(sub)
     return parser
 

@@ -9,7 +9,7 @@ cells / patients), so it reflects how many independent cells the number rests on
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from .images import to_rgb
 from .metrics import classification_metrics
 from .models import resolve_device
 
-__all__ = ["predict_dataset", "adapt_batchnorm", "evaluate_model", "evaluate", "select_split", "run_evaluate"]
+__all__ = ["predict_dataset", "reestimate_batchnorm", "adapt_batchnorm", "evaluate_model", "evaluate", "select_split", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,68 @@ def predict_dataset(
     return torch.cat(out).numpy().astype(np.float64)
 
 
+def _merge_small_tail(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``batches`` one behind, each one joined with the next when that one is under half its size."""
+    held = None
+    for batch in batches:
+        if held is not None and 2 * len(batch) < len(held):
+            batch, held = torch.cat([held, batch]), None
+        if held is not None:
+            yield held
+        held = batch
+    if held is not None:
+        yield held
+
+
+def reestimate_batchnorm(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    device: str | torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Replace every BatchNorm layer's running mean and variance by their average over ``batches``
+    (preprocessed image tensors, in the order given): the core of :func:`adapt_batchnorm`.
+
+    The average is cumulative (each batch counts once, whatever the layer's momentum); a batch
+    under half the size of the one before it (the tail of a folder) is run together with that one,
+    so that a few images do not weigh as much as a full batch. No gradients, the weights are
+    unchanged, the model is left in eval mode. ``progress(n)`` is
+    called with each batch's size. Returns how many layers were re-estimated (0 without BatchNorm,
+    and ``batches`` is then not read).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    device = resolve_device(device)
+    momenta = [bn.momentum for bn in bns]
+    model.eval().to(device)
+    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over every batch, not an exponential one
+        bn.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in _merge_small_tail(batches):
+                model(batch.to(device))
+                seen += len(batch)
+                if progress is not None:
+                    progress(len(batch))
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        if not seen:  # nothing was read: the model keeps the statistics it had
+            for bn, (mean, var, n) in zip(bns, saved):
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(n)
+        model.eval()
+    if not seen:
+        raise ValueError("No images to re-estimate the BatchNorm statistics on.")
+    return len(bns)
+
+
 def adapt_batchnorm(
     model: nn.Module,
     dataset: Any,
@@ -126,35 +188,22 @@ def adapt_batchnorm(
     stain and camera they are off, and every layer after them sees shifted inputs. This replaces
     them with the average over ``dataset`` (its labels are not read), in shuffled order (a split
     sorted by class would otherwise tilt the estimate of the later layers), the model's own eval
-    preprocessing, no gradients. The weights are unchanged; the model is left in eval mode.
-    Returns how many layers were re-estimated: 0 for a model without BatchNorm (a GroupNorm small
-    CNN normalises each image by its own statistics and has nothing to adapt).
+    preprocessing, no gradients (:func:`reestimate_batchnorm`). The weights are unchanged; the
+    model is left in eval mode. Returns how many layers were re-estimated: 0 for a model without
+    BatchNorm (a GroupNorm small CNN normalises each image by its own statistics and has nothing
+    to adapt). For a folder of a lab's own images, see :func:`cellhub.adapt.adapt_to_images`.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return 0
     if len(dataset) == 0:
         raise ValueError("No images to re-estimate the BatchNorm statistics on.")
-    device = resolve_device(device)
     shuffled = dataset.shuffle(seed=seed)
-    momenta = [bn.momentum for bn in bns]
-    model.eval().to(device)
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over every batch, not an exponential one
-        bn.train()
     bar = tqdm(total=len(shuffled), desc="re-estimating BatchNorm", unit="img", disable=not progress)
     try:
-        with torch.no_grad():
-            for batch in _eval_batches(model, shuffled, batch_size, num_workers):
-                model(batch.to(device))
-                bar.update(len(batch))
+        return reestimate_batchnorm(model, _eval_batches(model, shuffled, batch_size, num_workers), device=device,
+                                    progress=bar.update)
     finally:
         bar.close()
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        model.eval()
-    return len(bns)
 
 
 def _model_labels(model: nn.Module) -> list[str]:

@@ -213,6 +213,14 @@ def _abstention(section: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _adaptation(section: Mapping[str, Any]) -> dict[str, Any] | None:
+    a = section.get("adaptation")
+    if not a:
+        return None
+    return {"source": a.get("from", "?"), "images": a.get("images", "?"), "layers": a.get("batchnorm_layers", "?"),
+            "date": a.get("date", "date not recorded")}
+
+
 def _recipe(c: _Checkpoint) -> dict[str, Any] | None:
     """The recipe table rows (setting, value as shown) and the free-text notes."""
     if not c.recipe:
@@ -357,6 +365,7 @@ def _context(c: _Checkpoint) -> dict[str, Any]:
         "preprocessing": _preprocessing(c.pcfg),
         "cell_crop": c.section.get("cell_crop"),
         "abstention": _abstention(c.section),
+        "adaptation": _adaptation(c.section),
         "hub_dataset": c.hub_dataset, "dataset_id": c.dataset_id,
         "split": {"name": c.split_name, "description": c.split_desc, "n_images": m.get("n_images"),
                   "n_groups": m.get("n_groups", "n/a"), "group_unit": _group_unit(m, c.task),
