@@ -364,6 +364,7 @@ def _context(c: _Checkpoint) -> dict[str, Any]:
         "labels": c.labels,
         "preprocessing": _preprocessing(c.pcfg),
         "cell_crop": c.section.get("cell_crop"),
+        "stain_norm": c.section.get("stain_norm"),
         "abstention": _abstention(c.section),
         "adaptation": _adaptation(c.section),
         "hub_dataset": c.hub_dataset, "dataset_id": c.dataset_id,

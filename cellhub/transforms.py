@@ -11,7 +11,11 @@ The training transform keeps the evaluation geometry and adds label-preserving c
 its cellhub config): a square centred on the white cell's nucleus, sized in red-cell radii, taken
 before timm's transform, so that a cell fills the same share of the input whatever the lab's
 camera and crop size. cellhub applies it everywhere (training, predict, evaluate, the app);
-plain timm / transformers users of such a checkpoint crop with :func:`cell_crop` first.
+plain timm / transformers users of such a checkpoint crop with :func:`cell_crop` first. A model may
+also ask for **stain normalisation** (``stain_norm``): each image's colour moments in CIELAB
+mapped to fixed ones (Reinhard et al. 2001), after the resize, so that every lab's stain and white
+balance reach the network alike (:func:`stain_normalise`; timm / transformers users call it on
+the resized image).
 """
 from __future__ import annotations
 
@@ -29,11 +33,12 @@ from torchvision import transforms as T
 from .images import to_rgb
 
 __all__ = ["eval_transform", "preprocess", "resolve_data_config", "to_pil", "train_transform", "CELL_CROPS",
-           "cell_crop_spec", "cell_box", "cell_crop", "crop_padded", "CellCrop"]
+           "cell_crop_spec", "cell_box", "cell_crop", "crop_padded", "CellCrop", "STAIN_NORMS", "stain_norm_spec",
+           "stain_normalise", "StainNorm", "rgb_to_lab", "lab_to_rgb"]
 
 logger = logging.getLogger(__name__)
 
-_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "cell_crop")
+_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "cell_crop", "stain_norm")
 
 #: cell-centred crops a model may ask for (``cellhub_config["cell_crop"]``): ``nucleus`` centres a
 #: square on the white cell's nucleus, ``side_rbc_radii`` red-cell radii a side (a red cell is
@@ -48,6 +53,16 @@ CELL_CROPS: dict[str, dict[str, Any]] = {
 }
 _CROP_METHODS = ("nucleus",)
 _CROP_BORDERS = ("shift", "pad")
+
+#: stain normalisations a model may ask for (``cellhub_config["stain_norm"]``). ``reinhard``: each
+#: image's CIELAB channels shifted and scaled to these means and standard deviations (L in 0..100;
+#: the averages of the per-image moments of 80 px nucleus crops over 2,000 Kaggle and PBC
+#: development images, ``bench/stain_targets.py``): the stain's hue and strength and the
+#: camera's white balance no longer differ between labs; the shapes and the contrast between a
+#: cell's parts remain.
+STAIN_NORMS: dict[str, dict[str, Any]] = {
+    "reinhard": {"method": "reinhard", "mean": (75.77, 8.99, 1.31), "std": (16.17, 9.66, 14.27)},
+}
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
@@ -77,6 +92,8 @@ def resolve_data_config(model_or_config: Any) -> dict[str, Any]:
                 out = resolve_data_config(obj[key])
                 if out["cell_crop"] is None and obj.get("cell_crop"):  # cellhub's config beside timm's
                     out["cell_crop"] = cell_crop_spec(obj["cell_crop"])
+                if out["stain_norm"] is None and obj.get("stain_norm"):
+                    out["stain_norm"] = stain_norm_spec(obj["stain_norm"])
                 return out
     raise ValueError(f"Cannot find preprocessing (input_size/mean/std) in {type(obj).__name__}: "
                      f"{str(obj)[:200]}")
@@ -103,6 +120,7 @@ def _normalise(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "crop_pct": float(cfg.get("crop_pct", 1.0) or 1.0),
         "crop_mode": str(cfg.get("crop_mode", "center")),
         "cell_crop": cell_crop_spec(cfg.get("cell_crop")),
+        "stain_norm": stain_norm_spec(cfg.get("stain_norm")),
     }
 
 
@@ -191,6 +209,76 @@ class CellCrop:
         return f"CellCrop({self.spec})"
 
 
+_XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423],
+                          [0.212671, 0.715160, 0.072169],
+                          [0.019334, 0.119193, 0.950227]], dtype=np.float64)
+_WHITE = _XYZ_FROM_RGB.sum(axis=1)  # D65, the XYZ of RGB white
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (uint8, or float in 0..1; ..., 3) -> CIELAB (D65; L in 0..100), float64."""
+    x = np.asarray(rgb, dtype=np.float64)
+    if np.asarray(rgb).dtype == np.uint8:
+        x = x / 255.0
+    lin = np.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    xyz = lin @ _XYZ_FROM_RGB.T / _WHITE
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) -> sRGB uint8, clipped to the gamut."""
+    lab = np.asarray(lab, dtype=np.float64)
+    fy = (lab[..., 0] + 16) / 116
+    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], axis=-1)
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _WHITE
+    lin = np.clip(xyz @ np.linalg.inv(_XYZ_FROM_RGB).T, 0.0, 1.0)
+    x = np.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
+    return np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
+
+
+def stain_norm_spec(spec: Any) -> dict[str, Any] | None:
+    """A validated stain-normalisation spec (``None``, a :data:`STAIN_NORMS` name or its dict) or ``None``."""
+    if spec in (None, "", "none"):
+        return None
+    if isinstance(spec, str):
+        if spec not in STAIN_NORMS:
+            raise ValueError(f"Unknown stain_norm {spec!r}; choose none or one of {', '.join(STAIN_NORMS)}.")
+        spec = STAIN_NORMS[spec]
+    if not isinstance(spec, Mapping) or spec.get("method") != "reinhard":
+        raise ValueError(f"stain_norm must name a method ({', '.join(STAIN_NORMS)}), got {spec!r}.")
+    mean, std = tuple(float(v) for v in spec.get("mean", ())), tuple(float(v) for v in spec.get("std", ()))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"stain_norm needs three LAB means and three positive standard deviations, got {spec!r}.")
+    return {"method": "reinhard", "mean": mean, "std": std}
+
+
+def stain_normalise(image: Any, spec: Any = "reinhard") -> Image.Image:
+    """Map the image's per-channel CIELAB mean and standard deviation to the spec's (Reinhard)."""
+    spec = stain_norm_spec(spec)
+    img = to_pil(image)
+    if spec is None:
+        return img
+    lab = rgb_to_lab(np.asarray(img))
+    flat = lab.reshape(-1, 3)
+    mu, sd = flat.mean(0), flat.std(0)
+    out = (lab - mu) / np.maximum(sd, 1e-3) * np.asarray(spec["std"]) + np.asarray(spec["mean"])
+    return Image.fromarray(lab_to_rgb(out))
+
+
+class StainNorm:
+    """:func:`stain_normalise` as a transform step."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = stain_norm_spec(spec)
+
+    def __call__(self, image: Any) -> Image.Image:
+        return stain_normalise(image, self.spec)
+
+    def __repr__(self) -> str:
+        return f"StainNorm({self.spec['method'] if self.spec else None})"
+
+
 def to_pil(image: Any) -> Image.Image:
     """PIL image or uint8 array (HWC, HW) -> RGB PIL image; a clear TypeError otherwise."""
     if isinstance(image, Image.Image):
@@ -249,7 +337,11 @@ def eval_transform(cfg: Any, *, cell_crop: bool = True) -> T.Compose:
         mean=data["mean"], std=data["std"], crop_pct=data["crop_pct"], crop_mode=data["crop_mode"],
     )
     crop = [CellCrop(data["cell_crop"])] if cell_crop and data["cell_crop"] else []
-    return T.Compose([_ToPIL(), *crop, *tf.transforms])
+    steps = list(tf.transforms)
+    if data["stain_norm"]:  # on the resized image, before it becomes a tensor
+        at = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
+        steps.insert(at, StainNorm(data["stain_norm"]))
+    return T.Compose([_ToPIL(), *crop, *steps])
 
 
 def train_transform(cfg: Any, *, jitter: float = 0.1, hue: float | None = None, scale_jitter: float = 0.0,
@@ -270,6 +362,8 @@ def train_transform(cfg: Any, *, jitter: float = 0.1, hue: float | None = None, 
     if scale_jitter > 0:
         steps.append(T.RandomResizedCrop((h, w), scale=(1 / (1 + scale_jitter) ** 2, 1.0), ratio=(1.0, 1.0),
                                          interpolation=interp))
+    if data["stain_norm"]:  # before the colour jitter, which then varies around the normalised colours
+        steps.append(StainNorm(data["stain_norm"]))
     steps += [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
     if h == w:
         steps.append(RandomRot90())

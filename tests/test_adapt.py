@@ -72,7 +72,7 @@ def test_adapt_cli_writes_an_adapted_checkpoint(lab, tmp_path, capsys):
     ckpt, folder = lab
     before = (ckpt / "model.safetensors").read_bytes()
     out = tmp_path / "adapted"
-    assert main(["adapt", str(ckpt), str(folder), "--out", str(out), "--no-progress"]) == 0
+    assert main(["adapt", str(ckpt), str(folder), "--out", str(out), "--min-images", "40", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "on 40 image(s)" in printed and "broken.png" in printed and "blank.png" in printed
     assert (ckpt / "model.safetensors").read_bytes() == before  # the original is untouched
@@ -107,10 +107,10 @@ def test_adapt_refuses_what_it_cannot_do_and_writes_nothing(lab, tmp_path, capsy
     assert main(["adapt", str(ckpt), str(folder), "--out", str(out), "--min-images", "41", "--no-progress"]) == 2
     assert "Only 40 of the 42 images could be used" in capsys.readouterr().err and not out.exists()
     assert main(["adapt", str(ckpt), str(folder / "a" / "c1.png"), "--out", str(out), "--no-progress"]) == 2
-    assert "at least 32" in capsys.readouterr().err and not out.exists()
+    assert "at least 64" in capsys.readouterr().err and not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main(["adapt", str(ckpt), str(folder), "--out", str(out), "--no-progress"]) == 2
+    assert main(["adapt", str(ckpt), str(folder), "--out", str(out), "--min-images", "8", "--no-progress"]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
     assert main(["adapt", str(ckpt), str(folder), "--out", str(ckpt), "--no-progress"]) == 2
     assert "is the checkpoint itself" in capsys.readouterr().err
@@ -121,5 +121,5 @@ def test_adapt_refuses_what_it_cannot_do_and_writes_nothing(lab, tmp_path, capsy
     gn = hub.save_pretrained(create_model("smallcnn", "malaria", pretrained=False, image_size=32, norm="group").eval(),
                              tmp_path / "gn")
     with pytest.raises(ValueError, match="no BatchNorm layer"):
-        run_adapt(str(gn), [folder], tmp_path / "gn-adapted")
+        run_adapt(str(gn), [folder], tmp_path / "gn-adapted", min_images=8)
     assert not (tmp_path / "gn-adapted").exists()

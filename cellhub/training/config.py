@@ -14,7 +14,7 @@ from typing import Any
 
 from ..tasks import GROUP_BY, GROUP_BY_HELP
 from ..models import available_models, check_norm
-from ..transforms import CELL_CROPS, cell_crop_spec
+from ..transforms import CELL_CROPS, STAIN_NORMS, cell_crop_spec, stain_norm_spec
 
 __all__ = ["TrainConfig", "SELECT_METRICS", "MIXED_PRECISION", "add_config_arguments", "config_from_namespace"]
 
@@ -65,6 +65,10 @@ class TrainConfig:
                                   "nucleus-pad: the same, kept centred on the nucleus, the outside filled with the "
                                   "image's median colour",
                           "model", choices=("none", *CELL_CROPS))
+    stain_norm: str = _opt("none", "reinhard: map each image's CIELAB colour moments to fixed ones after the "
+                                   "resize (training, evaluation and prediction alike; recorded in the "
+                                   "checkpoint): one stain colour across labs", "model",
+                           choices=("none", *STAIN_NORMS))
     stain_jitter: float = _opt(0.1, "colour augmentation: brightness, contrast and saturation jitter (hue: a fifth "
                                     "of it)", "optimisation")
     scale_jitter: float = _opt(0.0, "scale augmentation: random zoom up to 1 + this", "optimisation")
@@ -153,6 +157,7 @@ class TrainConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}.")
         cell_crop_spec(self.cell_crop)  # ValueError naming the choices
+        stain_norm_spec(self.stain_norm)
         if self.norm is not None and self.init_from:
             raise ValueError(f"--norm {self.norm} with --init-from: the model keeps its checkpoint's normalisation "
                              "layers; drop --norm.")

@@ -213,8 +213,9 @@ def model_from_checkpoint(source: str, labels: Sequence[str], *, image_size: int
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
     if freeze_backbone:
         models.freeze_backbone_layers(model)
-    if cc.get("cell_crop"):
-        model.cellhub_config["cell_crop"] = cc["cell_crop"]
+    for key in ("cell_crop", "stain_norm"):  # the checkpoint's preprocessing travels with its weights
+        if cc.get(key):
+            model.cellhub_config[key] = cc[key]
     model.cellhub_config.update(pretrained=bool(cc.get("pretrained")), base_model=cc.get("base_model"),
                                 freeze_backbone=bool(freeze_backbone),
                                 init_from=public_dataset_name(source, "checkpoint"))

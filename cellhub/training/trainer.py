@@ -196,6 +196,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     models.set_interpolation(model, data.CACHE_INTERPOLATION)
     if cfg.cell_crop != "none":
         model.cellhub_config["cell_crop"] = transforms.cell_crop_spec(cfg.cell_crop)
+    if cfg.stain_norm != "none":
+        model.cellhub_config["stain_norm"] = transforms.stain_norm_spec(cfg.stain_norm)
     dcfg = transforms.resolve_data_config(model)
     size = int(dcfg["input_size"][-1])
     crop = dcfg["cell_crop"]
