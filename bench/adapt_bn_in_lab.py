@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the folder a source's held-out file names are relative to (once per source)")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--keep", type=float, default=0.0, help="share of the model's own statistics kept")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     folds = []
     for k, (fold, _probs, y, g, files) in enumerate(fold_holdouts(args.run, with_files=True)):
         model = load_pretrained(str(fold)).eval()
+        y, g = np.asarray(y), np.asarray(g)
         src = np.array([str(x).split("|", 1)[0] for x in g])
         for s, root in roots.items():
             idx = np.flatnonzero(src == s)
@@ -74,17 +76,17 @@ def main(argv: list[str] | None = None) -> int:
                 if v == "as trained":
                     m = model
                 elif v == "transductive":
-                    m = adapted(model, x, rng.permutation(len(idx)))
+                    m = adapted(model, x, rng.permutation(len(idx)), keep=args.keep)
                 else:
-                    m = adapted(model, x, rng.choice(len(idx), args.n, replace=False))
+                    m = adapted(model, x, rng.choice(len(idx), args.n, replace=False), keep=args.keep)
                 correct = (probabilities(m, x).argmax(1) == ys).astype(np.float64)
                 row[v] = float(correct.mean())
                 pooled[s][v].append(correct)
-            pooled[s]["groups"].append(np.asarray(g[idx]).astype(str))
+            pooled[s]["groups"].append(g[idx].astype(str))
             folds.append(row)
             print(f"fold {row['fold']} {s} ({row['n']} held out): " +
                   ", ".join(f"{v} {row[v]:.4f}" for v in variants), flush=True)
-    out = {"run": str(args.run), "folds": folds, "pooled": {}}
+    out = {"run": str(args.run), "keep": args.keep, "folds": folds, "pooled": {}}
     print("\npooled out of fold (paired difference to 'as trained', group bootstrap):")
     for s, d in pooled.items():
         groups = np.concatenate(d["groups"])

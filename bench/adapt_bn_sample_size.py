@@ -65,10 +65,12 @@ def probabilities(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     return torch.cat([torch.softmax(model(x[i : i + 256]), 1) for i in range(0, len(x), 256)]).numpy()
 
 
-def adapted(model: torch.nn.Module, x: torch.Tensor, order: np.ndarray, batch_size: int = 64) -> torch.nn.Module:
+def adapted(model: torch.nn.Module, x: torch.Tensor, order: np.ndarray, batch_size: int = 64,
+            keep: float = 0.0) -> torch.nn.Module:
     m = copy.deepcopy(model)
     idx = torch.as_tensor(order)
-    reestimate_batchnorm(m, (x[idx[i : i + batch_size]] for i in range(0, len(idx), batch_size)), device="cpu")
+    reestimate_batchnorm(m, (x[idx[i : i + batch_size]] for i in range(0, len(idx), batch_size)), device="cpu",
+                         keep=keep)
     return m
 
 
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--sizes", default="8,16,32,64,128,256")
     p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--keep", type=float, default=0.0,
+                   help="share of the checkpoint's own statistics kept (python -m cellhub adapt --keep)")
+    p.add_argument("--no-mix", action="store_true", help="skip the differential and one-class rows")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", default=None)
@@ -117,31 +122,31 @@ def main(argv: list[str] | None = None) -> int:
         return acc
 
     record("as trained", model, 0, ci=True)
-    record("whole pool", adapted(model, x, rng.permutation(pool)), len(pool), ci=True)
-    record("transductive (the scored half)", adapted(model, x, rng.permutation(scored)), len(scored), ci=True)
+    record("whole pool", adapted(model, x, rng.permutation(pool), keep=args.keep), len(pool), ci=True)
+    record("transductive (the scored half)", adapted(model, x, rng.permutation(scored), keep=args.keep), len(scored), ci=True)
     summary: dict[str, dict] = {}
     for n in [int(s) for s in args.sizes.split(",")]:
-        accs = [record(f"{n} random, draw {d}", adapted(model, x, np.random.default_rng(100 + d).choice(pool, n, replace=False)), n)
+        accs = [record(f"{n} random, draw {d}", adapted(model, x, np.random.default_rng(100 + d).choice(pool, n, replace=False), keep=args.keep), n)
                 for d in range(args.draws)]
         summary[f"{n} random"] = {"n": n, "mean": float(np.mean(accs)), "min": min(accs), "max": max(accs)}
-    for n in (50, 100):
+    for n in () if args.no_mix else (50, 100):
         accs = []
         for d in range(args.draws):
             r = np.random.default_rng(200 + d)
             take = np.concatenate([r.choice(pool[y[pool] == names.index(lab)], max(1, round(n * share)), replace=False)
                                    for lab, share in DIFFERENTIAL.items()])
-            accs.append(record(f"{n} as a differential, draw {d}", adapted(model, x, r.permutation(take)), len(take)))
+            accs.append(record(f"{n} as a differential, draw {d}", adapted(model, x, r.permutation(take), keep=args.keep), len(take)))
         summary[f"{n} as a differential"] = {"n": n, "mean": float(np.mean(accs)), "min": min(accs), "max": max(accs)}
-    for k, lab in enumerate(names):
+    for k, lab in enumerate([] if args.no_mix else names):
         only = pool[y[pool] == k]
-        acc = record(f"{lab} only", adapted(model, x, rng.permutation(only)), len(only))
+        acc = record(f"{lab} only", adapted(model, x, rng.permutation(only), keep=args.keep), len(only))
         summary[f"{lab} only"] = {"n": len(only), "mean": acc, "min": acc, "max": acc}
 
     print("\nsummary (accuracy on the scored half):")
     for name, s in summary.items():
         print(f"  {name:<26} n={s['n']:<5} mean {s['mean']:.4f}  [min {s['min']:.4f}, max {s['max']:.4f}]")
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "data": args.data,
+        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "keep": args.keep,
                                                "n_pool": len(pool), "n_scored": len(scored),
                                                "n_scored_groups": len(set(gs)), "rows": rows,
                                                "summary": summary}, indent=1))

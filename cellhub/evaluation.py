@@ -129,9 +129,11 @@ def reestimate_batchnorm(
     batches: Iterable[torch.Tensor],
     device: str | torch.device | None = None,
     progress: Callable[[int], None] | None = None,
+    keep: float = 0.0,
 ) -> int:
     """Replace every BatchNorm layer's running mean and variance by their average over ``batches``
     (preprocessed image tensors, in the order given): the core of :func:`adapt_batchnorm`.
+    With ``keep`` k > 0 the result is k x the layer's own statistics + (1 - k) x the new ones.
 
     The average is cumulative (each batch counts once, whatever the layer's momentum); a batch
     under half the size of the one before it (the tail of a folder) is run together with that one,
@@ -140,6 +142,8 @@ def reestimate_batchnorm(
     called with each batch's size. Returns how many layers were re-estimated (0 without BatchNorm,
     and ``batches`` is then not read).
     """
+    if not 0.0 <= keep < 1.0:
+        raise ValueError(f"keep must be in [0, 1), got {keep}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
@@ -162,11 +166,14 @@ def reestimate_batchnorm(
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
-        if not seen:  # nothing was read: the model keeps the statistics it had
-            for bn, (mean, var, n) in zip(bns, saved):
+        for bn, (mean, var, n) in zip(bns, saved):
+            if not seen:  # nothing was read: the model keeps the statistics it had
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
                 bn.num_batches_tracked.copy_(n)
+            elif keep:
+                bn.running_mean.mul_(1 - keep).add_(keep * mean)
+                bn.running_var.mul_(1 - keep).add_(keep * var)
         model.eval()
     if not seen:
         raise ValueError("No images to re-estimate the BatchNorm statistics on.")

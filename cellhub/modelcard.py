@@ -213,11 +213,18 @@ def _abstention(section: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _public(v: str) -> str:
+    """``v``, or "local folder NAME" for a machine-local path: no such path goes into a public card."""
+    if Path(v).is_absolute() or v.startswith(("~", "./", "../")) or (Path(v).exists() and "/" in v):
+        return f"local folder {Path(v).name}"
+    return v
+
+
 def _adaptation(section: Mapping[str, Any]) -> dict[str, Any] | None:
     a = section.get("adaptation")
     if not a:
         return None
-    return {"source": a.get("from", "?"), "images": a.get("images", "?"), "layers": a.get("batchnorm_layers", "?"),
+    return {"source": _public(str(a.get("from", "?"))), "images": a.get("images", "?"), "layers": a.get("batchnorm_layers", "?"),
             "date": a.get("date", "date not recorded")}
 
 
@@ -234,8 +241,8 @@ def _recipe(c: _Checkpoint) -> dict[str, Any] | None:
     for k, v in shown.items():
         if v is None or v == [] or v == {}:
             continue
-        if isinstance(v, str) and (Path(v).is_absolute() or v.startswith(("~", "./", "../"))):
-            v = f"local folder {Path(v).name}"  # no machine-local paths in a public card
+        if isinstance(v, str):
+            v = _public(v)
         rows.append({"setting": k, "value": v if isinstance(v, str) else json.dumps(v)})
     notes = (notes if isinstance(notes, list) else [notes]) if notes else []
     return {"rows": rows, "notes": [str(n) for n in notes]}

@@ -58,6 +58,25 @@ def test_reestimate_runs_a_small_tail_with_the_batch_before_it():
     torch.testing.assert_close(first.running_mean, (seen[0] + seen[1]) / 2, atol=1e-5, rtol=1e-5)
 
 
+def test_keep_blends_the_checkpoint_statistics_with_the_new_ones():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 16, 16) * 2
+    base = create_model("smallcnn", "malaria", pretrained=False, image_size=16).eval()
+    with torch.no_grad():
+        for bn in _bns(base):
+            bn.running_mean.uniform_(-1, 1)
+    full, half = (create_model("smallcnn", "malaria", pretrained=False, image_size=16).eval() for _ in range(2))
+    for m in (full, half):
+        m.load_state_dict(base.state_dict())
+    reestimate_batchnorm(full, [x], device="cpu")
+    reestimate_batchnorm(half, [x], device="cpu", keep=0.5)
+    for b, f, h in zip(_bns(base), _bns(full), _bns(half)):
+        torch.testing.assert_close(h.running_mean, (b.running_mean + f.running_mean) / 2)
+        torch.testing.assert_close(h.running_var, (b.running_var + f.running_var) / 2)
+    with pytest.raises(ValueError, match="keep must be in"):
+        reestimate_batchnorm(half, [x], device="cpu", keep=1.0)
+
+
 def test_reestimate_without_images_keeps_the_statistics():
     torch.manual_seed(0)
     model = create_model("smallcnn", "malaria", pretrained=False, image_size=16).eval()
@@ -82,6 +101,7 @@ def test_adapt_cli_writes_an_adapted_checkpoint(lab, tmp_path, capsys):
     assert cfg["adaptation"]["from"] == str(ckpt) and cfg["labels"] == ["parasitized", "uninfected"]
     card = (out / "README.md").read_text()
     assert "Adapted to a lab's own images" in card and "40 unlabelled images" in card
+    assert "`local folder ckpt`" in card and str(ckpt) not in card  # no machine-local path in a public card
 
     original, adapted = hub.load_pretrained(ckpt), hub.load_pretrained(out)
     # the same statistics as adapting in memory, with the same seed and images
