@@ -67,7 +67,6 @@ def adapt_to_images(
     workers: int | None = None,
     check_cells: bool = True,
     seed: int = 0,
-    keep: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> AdaptReport:
     """Re-estimate ``model``'s BatchNorm statistics on the images of ``refs`` (labels are never read).
@@ -76,8 +75,7 @@ def adapt_to_images(
     seeded shuffled order (a folder sorted by class would otherwise tilt the later layers'
     estimates). Files that cannot be read, and (with ``check_cells``) images that are not
     stained blood-cell crops, are left out and listed in the report: they would pull the
-    statistics away from the cells the model is to classify. ``keep``: the share of the model's own
-    statistics kept (:func:`cellhub.evaluation.reestimate_batchnorm`). Raises ``ValueError`` when the
+    statistics away from the cells the model is to classify. Raises ``ValueError`` when the
     model has no BatchNorm or no image could be used; the model keeps its statistics then.
     """
     if not has_batchnorm(model):
@@ -100,7 +98,7 @@ def adapt_to_images(
                 progress(len(chunk.tensors) + len(chunk.skipped))
 
     try:
-        report.n_layers = reestimate_batchnorm(model, batches(), device="cpu", keep=keep)
+        report.n_layers = reestimate_batchnorm(model, batches(), device="cpu")
     except ValueError as exc:
         why = f" ({len(report.skipped)} skipped; first: {report.skipped[0][0]}: {report.skipped[0][1]})" \
             if report.skipped else ""
@@ -129,7 +127,6 @@ def run_adapt(
     batch_size: int = 64,
     workers: int | None = None,
     seed: int = 0,
-    keep: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Path, AdaptReport]:
     """Load ``checkpoint``, adapt it to the images in ``inputs`` (files, folders, zips), save it to ``out``.
@@ -146,9 +143,6 @@ def run_adapt(
                              "per command, to your lab's cell images.")
     if min_images < 1:
         raise ValueError(f"min_images must be >= 1, got {min_images}")
-    if not 0.0 <= keep < 1.0:
-        raise ValueError(f"--keep must be at least 0 and below 1 (the share of the checkpoint's own statistics "
-                         f"kept), got {keep}")
     model = load_pretrained(checkpoint)
     if type(model).__name__ == "SVMClassifier":
         raise ValueError("An SVM baseline is fitted on its backbone's features; re-estimating the backbone's "
@@ -163,7 +157,7 @@ def run_adapt(
         raise ValueError(f"{len(refs)} image file(s) found in {', '.join(map(str, inputs))}; adapting needs at "
                          f"least {min_images} single-cell crops from your lab (more give a steadier estimate).")
     report = adapt_to_images(model, refs, batch_size=batch_size, workers=workers, check_cells=check_cells,
-                             seed=seed, keep=keep, progress=progress)
+                             seed=seed, progress=progress)
     report.skipped = skipped + report.skipped
     if report.n_images < min_images:
         raise ValueError(f"Only {report.n_images} of the {len(refs)} images could be used ({len(report.skipped)} "
@@ -176,7 +170,6 @@ def run_adapt(
         "images": report.n_images,
         "skipped": len(report.skipped),
         "batchnorm_layers": report.n_layers,
-        "kept_share_of_original_statistics": keep,
         "seed": seed,
         "date": _dt.date.today().isoformat(),
     }

@@ -427,7 +427,7 @@ def _adapt(args: argparse.Namespace) -> int:
         try:
             out, report = run_adapt(args.checkpoint, args.inputs, args.out, min_images=args.min_images,
                                     check_cells=args.cell_check, overwrite=args.overwrite, seed=args.seed,
-                                    keep=args.keep, progress=bar.update)
+                                    progress=bar.update)
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -449,8 +449,6 @@ def _add_adapt(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder to write the adapted checkpoint to")
     p.add_argument("--min-images", type=int, default=MIN_IMAGES,
                    help=f"refuse with fewer usable images than this (default {MIN_IMAGES})")
-    p.add_argument("--keep", type=float, default=0.0,
-                   help="share of the checkpoint's own statistics kept, 0 to <1 (default 0: replaced)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.add_argument("--no-cell-check", dest="cell_check", action="store_false",
                    help="use every image, also those that do not look like a stained blood-cell crop")

@@ -133,7 +133,8 @@ def reestimate_batchnorm(
 ) -> int:
     """Replace every BatchNorm layer's running mean and variance by their average over ``batches``
     (preprocessed image tensors, in the order given): the core of :func:`adapt_batchnorm`.
-    With ``keep`` k > 0 the result is k x the layer's own statistics + (1 - k) x the new ones.
+    With ``keep`` k > 0 the result is k x the layer's own statistics + (1 - k) x the new ones (a
+    halfway blend kept little of the gain across labs: RESULTS.md, so ``cellhub adapt`` replaces).
 
     The average is cumulative (each batch counts once, whatever the layer's momentum); a batch
     under half the size of the one before it (the tail of a folder) is run together with that one,
