@@ -4,7 +4,9 @@ A BatchNorm model normalises each layer with the mean and variance it saw in tra
 lab's stain, camera and scan differ, so those statistics are off there and every later layer sees
 shifted inputs: the Kaggle-trained small CNN scores 52% on PBC's images. Re-estimating them on
 a folder of the new lab's single-cell crops (no labels) brings it to 81% (RESULTS.md, "Another
-lab's images without labels"), and a few dozen images are enough. The weights are not touched.
+lab's images without labels"); 64 images are enough. The weights are not touched. It is not free
+where the model already fits the lab: the two-lab recipe adapted to PBC, one of its own labs, lost
+5 points there; so the adapted model is to be checked against the original on labelled images.
 
 ``python -m cellhub adapt CHECKPOINT IMAGES... --out DIR`` writes the adapted checkpoint, a
 normal checkpoint folder (predict, evaluate, the app, timm and transformers load it) whose
@@ -189,8 +191,10 @@ def run_adapt(
 def describe(report: AdaptReport, out: Path) -> str:
     """The lines the command line prints after a run."""
     lines = [f"re-estimated {report.n_layers} BatchNorm layers on {report.n_images} image(s); wrote {out}",
-             f"use it like any checkpoint (python -m cellhub predict {out} IMAGES, python app.py --models {out}), and "
-             f"check it on labelled images of your lab: python -m cellhub evaluate {out} DATA"]
+             f"use it like any checkpoint (python -m cellhub predict {out} IMAGES, python app.py --models {out}).",
+             "Before relying on it, compare it with the original on labelled images of your lab (python -m cellhub "
+             f"evaluate {out} DATA): it helps most where the original does badly, and can cost accuracy where the "
+             "original already fits (see README, 'Adapt a model to your lab's images')."]
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)} file(s):")
         lines += [f"  {name}: {why}" for name, why in report.skipped[:10]]
