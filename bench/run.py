@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "soak": ("bench_soak.py", ["--minutes", "1"]),
     "groups": ("bench_groups.py", []),
     "fields": ("bench_fields.py", []),
+    "stain-norm": ("bench_stainnorm.py", []),
 }
 #: benchmarks that accept --data
 TAKES_DATA = {"folder", "train-input", "soak", "groups"}
