@@ -145,7 +145,10 @@ def run_adapt(
                              "per command, to your lab's cell images.")
     if min_images < 1:
         raise ValueError(f"min_images must be >= 1, got {min_images}")
-    model = load_pretrained(checkpoint)
+    try:
+        model = load_pretrained(checkpoint)
+    except Exception as exc:  # a missing folder, an id not in the cache offline, a refused pickle: say which
+        raise ValueError(f"could not load checkpoint {checkpoint!r}: {exc}") from exc
     if type(model).__name__ == "SVMClassifier":
         raise ValueError("An SVM baseline is fitted on its backbone's features; re-estimating the backbone's "
                          "statistics would change the features under the SVM. Adapt a CNN checkpoint instead.")
@@ -156,7 +159,8 @@ def run_adapt(
     except InputError as exc:
         raise ValueError(str(exc)) from exc
     if len(refs) < min_images:
-        raise ValueError(f"{len(refs)} image file(s) found in {', '.join(map(str, inputs))}; adapting needs at "
+        why = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise ValueError(f"{len(refs)} image file(s) found in {', '.join(map(str, inputs))}{why}; adapting needs at "
                          f"least {min_images} single-cell crops from your lab (more give a steadier estimate).")
     report = adapt_to_images(model, refs, batch_size=batch_size, workers=workers, check_cells=check_cells,
                              seed=seed, progress=progress)

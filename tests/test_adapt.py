@@ -134,6 +134,11 @@ def test_adapt_refuses_what_it_cannot_do_and_writes_nothing(lab, tmp_path, capsy
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
     assert main(["adapt", str(ckpt), str(folder), "--out", str(ckpt), "--no-progress"]) == 2
     assert "is the checkpoint itself" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert main(["adapt", str(ckpt), str(tmp_path / "nowhere"), "--out", str(fresh), "--no-progress"]) == 2
+    assert "nowhere: no such file" in capsys.readouterr().err
+    assert main(["adapt", str(tmp_path / "no-ckpt"), str(folder), "--out", str(fresh), "--no-progress"]) == 2
+    assert "could not load checkpoint" in capsys.readouterr().err and not fresh.exists()
     assert main(["adapt", str(ckpt), str(ckpt), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "checkpoint folder, not images" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
