@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from .batch import decode_files
-from .evaluation import reestimate_batchnorm
+from .evaluation import batchnorm_layers, reestimate_batchnorm
 from .hub import load_pretrained, save_pretrained
 from .images import ImageRef, InputError, Limits, collect_images
 from .transforms import eval_transform, resolve_data_config
 
-__all__ = ["MIN_IMAGES", "AdaptReport", "has_batchnorm", "adapt_to_images", "run_adapt", "describe"]
+__all__ = ["MIN_IMAGES", "AdaptReport", "adapt_to_images", "run_adapt", "describe"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ class AdaptReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def adapt_to_images(
     model: nn.Module,
     refs: Sequence[ImageRef],
@@ -80,7 +76,7 @@ def adapt_to_images(
     statistics away from the cells the model is to classify. Raises ``ValueError`` when the
     model has no BatchNorm or no image could be used; the model keeps its statistics then.
     """
-    if not has_batchnorm(model):
+    if not batchnorm_layers(model):
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer: there are no statistics to adapt "
                          "(a GroupNorm model normalises each image by itself); use the checkpoint as it is.")
     order = list(refs)
@@ -152,7 +148,7 @@ def run_adapt(
     if type(model).__name__ == "SVMClassifier":
         raise ValueError("An SVM baseline is fitted on its backbone's features; re-estimating the backbone's "
                          "statistics would change the features under the SVM. Adapt a CNN checkpoint instead.")
-    if not has_batchnorm(model):
+    if not batchnorm_layers(model):
         raise ValueError(f"{checkpoint} has no BatchNorm layer: there are no statistics to adapt; use it as it is.")
     try:
         refs, skipped = collect_images([str(p) for p in inputs], limits=Limits(max_images=sys.maxsize))

@@ -27,7 +27,7 @@ from .images import to_rgb
 from .metrics import classification_metrics
 from .models import resolve_device
 
-__all__ = ["predict_dataset", "reestimate_batchnorm", "adapt_batchnorm", "evaluate_model", "evaluate", "select_split", "run_evaluate"]
+__all__ = ["predict_dataset", "batchnorm_layers", "reestimate_batchnorm", "adapt_batchnorm", "evaluate_model", "evaluate", "select_split", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,11 @@ def predict_dataset(
     return torch.cat(out).numpy().astype(np.float64)
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers (of any dimension), in module order: what AdaBN re-estimates."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _merge_small_tail(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
     """``batches`` one behind, each one joined with the next when that one is under half its size."""
     held = None
@@ -145,7 +150,7 @@ def reestimate_batchnorm(
     """
     if not 0.0 <= keep < 1.0:
         raise ValueError(f"keep must be in [0, 1), got {keep}")
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorm_layers(model)
     if not bns:
         return 0
     device = resolve_device(device)
@@ -201,7 +206,7 @@ def adapt_batchnorm(
     BatchNorm (a GroupNorm small CNN normalises each image by its own statistics and has nothing
     to adapt). For a folder of a lab's own images, see :func:`cellhub.adapt.adapt_to_images`.
     """
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not batchnorm_layers(model):
         return 0
     if len(dataset) == 0:
         raise ValueError("No images to re-estimate the BatchNorm statistics on.")
