@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cellhub.metrics import paired_bootstrap, paired_difference  # noqa: E402,F401 (re-exported for the other bench scripts)
 from cellhub.training.cv import fold_dir  # noqa: E402
 from cellhub.training.state import holdout_files, load_holdout  # noqa: E402
 
@@ -54,24 +55,6 @@ def load_run(run: Path, source: str | None) -> list[tuple[np.ndarray, np.ndarray
             p, y, g = p[keep], y[keep], g[keep]
         folds.append((p, y, g))
     return folds
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
-    """Replicates of mean(b) - mean(a) (per-image 0/1 correctness), resampling whole groups."""
-    _, gidx = np.unique(groups, return_inverse=True)
-    n_groups = int(gidx.max()) + 1
-    per_group = np.zeros((n_groups, 3))
-    np.add.at(per_group, gidx, np.stack([a, b, np.ones_like(a)], axis=1))
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(np.float64)
-    sums = w @ per_group
-    return (sums[:, 1] - sums[:, 0]) / sums[:, 2]
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int) -> tuple[float, list[float]]:
-    """mean(b) - mean(a) of per-image correctness and its 95% paired group-bootstrap interval."""
-    lo, hi = np.quantile(paired_bootstrap(a, b, groups, n_boot), [0.025, 0.975])
-    return float(b.mean() - a.mean()), [float(lo), float(hi)]
 
 
 def compare(run_a: Path, run_b: Path, source: str | None = None, n_boot: int = 2000) -> dict:

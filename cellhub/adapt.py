@@ -188,13 +188,14 @@ def run_adapt(
     return out, report
 
 
-def describe(report: AdaptReport, out: Path) -> str:
+def describe(report: AdaptReport, out: Path, original: str = "ORIGINAL") -> str:
     """The lines the command line prints after a run."""
     lines = [f"re-estimated {report.n_layers} BatchNorm layers on {report.n_images} image(s); wrote {out}",
              f"use it like any checkpoint (python -m cellhub predict {out} IMAGES, python app.py --models {out}).",
              "Before relying on it, compare it with the original on labelled images of your lab (python -m cellhub "
-             f"evaluate {out} DATA): it helps most where the original does badly, and can cost accuracy where the "
-             "original already fits (see README, 'Adapt a model to your lab's images')."]
+             f"evaluate {original} {out} LABELLED_DATA: both scored, and the difference with its interval): it "
+             "helps most where the original does badly, and can cost accuracy where the original already fits "
+             "(see README, 'Adapt a model to your lab's images')."]
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)} file(s):")
         lines += [f"  {name}: {why}" for name, why in report.skipped[:10]]

@@ -77,41 +77,52 @@ def _add_audit(subparsers: Any) -> None:
 
 # ------------------------------------------------------------------------------- evaluate
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import run_evaluate
-    from .metrics import format_metrics_table
+    from .evaluation import compare_models, run_evaluate
+    from .metrics import format_comparison, format_metrics_table
 
+    kw = dict(batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed, cache_dir=args.cache_dir,
+              progress=not args.no_progress, group_by=args.group_by, smear_dir=args.smear_dir)
     try:
-        m = run_evaluate(args.checkpoint, args.data, args.split, batch_size=args.batch_size, n_boot=args.n_boot,
-                         seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress,
-                         group_by=args.group_by, smear_dir=args.smear_dir)
+        if len(args.checkpoint) > 1:
+            out = compare_models(args.checkpoint, args.data, args.split, **kw)
+        else:
+            out = m = run_evaluate(args.checkpoint[0], args.data, args.split, **kw)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if m is None:  # another process of an `accelerate launch` run: the main one reports
+    if out is None:  # another process of an `accelerate launch` run: the main one reports
         return 0
-    if m.get("processes", 1) > 1:
-        print(f"(predicted by {m['processes']} processes, one shard each)")
-    print(format_metrics_table(m, title=f"{m['model'] or 'model'} ({args.checkpoint}) on {args.data} [{m['split']}]"))
+    for m in out.get("models", [out]):
+        if m.get("processes", 1) > 1:
+            print(f"(predicted by {m['processes']} processes, one shard each)")
+        print(format_metrics_table(m, title=f"{m['model'] or 'model'} ({m['checkpoint']}) on {args.data} [{m['split']}]"))
+        print()
     g = m["grouping"]
     how = "the default for this data; change with --group-by" if g["requested"] == "auto" else "--group-by"
-    print(f"\ngroups: {g['method']} ({how}): {m['n_groups']} groups of {m['n_images']} images")
+    print(f"groups: {g['method']} ({how}): {m['n_groups']} groups of {m['n_images']} images")
+    for c in out.get("comparisons", []):
+        print(format_comparison(c))
     if m["skipped_files"]:
         print(f"\nnote: {m['skipped_files']} unreadable file(s) were skipped (see the log).")
     if args.json:
-        print(f"\nwrote {_write_json(args.json, m)}")
+        print(f"\nwrote {_write_json(args.json, out)}")
     return 0
 
 
 def _add_evaluate(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="metrics of a checkpoint on a dataset (grouped bootstrap CI)",
+        help="metrics of a checkpoint on a dataset (grouped bootstrap CI); several: compared",
         description="Evaluate CHECKPOINT (local folder or Hub id) on DATA (Kaggle folder, image folder, "
                     "saved dataset or Hub id): accuracy with a 95% CI from a bootstrap over groups "
                     "(cells / patients), macro-F1, per-class precision/recall/F1, confusion matrix, "
-                    "ROC AUC (two classes) and expected calibration error.",
+                    "ROC AUC (two classes) and expected calibration error. With several checkpoints of "
+                    "one task (e.g. a model and its `cellhub adapt` copy), each is also compared with the "
+                    "first on the same images: accuracy difference with a 95% paired group-bootstrap "
+                    "interval.",
     )
-    p.add_argument("checkpoint", help="checkpoint folder or Hugging Face Hub model id")
+    p.add_argument("checkpoint", nargs="+", metavar="CHECKPOINT",
+                   help="checkpoint folder or Hugging Face Hub model id; several to compare them with the first")
     p.add_argument("data", help="dataset: local folder, Hub dataset id or task name")
     p.add_argument("--split", default=None, help="split to evaluate (required when DATA has several)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the metrics as JSON to OUT")
@@ -431,7 +442,7 @@ def _adapt(args: argparse.Namespace) -> int:
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    print(describe(report, out))
+    print(describe(report, out, args.checkpoint))
     return 0
 
 

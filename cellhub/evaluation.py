@@ -9,6 +9,7 @@ cells / patients), so it reflects how many independent cells the number rests on
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -24,10 +25,11 @@ from .data import pixels_array
 from .distributed import Processes
 from .hub import load_pretrained
 from .images import to_rgb
-from .metrics import classification_metrics
+from .metrics import classification_metrics, paired_difference
 from .models import resolve_device
 
-__all__ = ["predict_dataset", "batchnorm_layers", "reestimate_batchnorm", "adapt_batchnorm", "evaluate_model", "evaluate", "select_split", "run_evaluate"]
+__all__ = ["predict_dataset", "batchnorm_layers", "reestimate_batchnorm", "adapt_batchnorm", "evaluate_model", "evaluate", "select_split", "run_evaluate",
+           "compare_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +289,33 @@ def select_split(dsd: Any, split: str | None, source: str = "the data") -> tuple
                      f"e.g. --split {'test' if 'test' in names else names[-1]}.")
 
 
+def _load_split(model: nn.Module, data: str, split: str | None, *, cache_dir: str | None, progress: bool,
+                group_by: str, smear_dir: str | None) -> tuple[Any, str, str, Any]:
+    """``(split dataset, its reported name, its key, load report)`` of ``data`` for ``model``'s task."""
+    task = (getattr(model, "cellhub_config", None) or {}).get("task")
+    dsd, report = data_mod.load_cell_dataset(data, task=task, cache_dir=cache_dir, return_report=True,
+                                             progress=progress, group_by=group_by, smear_dir=smear_dir)
+    key, ds = select_split(dsd, split, source=str(data))
+    if len(ds) == 0:
+        raise ValueError(f"Split {key!r} of {data} has no images.")
+    # a folder without split folders is scored whole: not a "train" split
+    name = "all" if not report.named_splits and split is None else key
+    return ds, name, key, report
+
+
+def _provenance(checkpoint: str, model: nn.Module, data: str, name: str, key: str, report: Any) -> dict[str, Any]:
+    return {
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "split": name,
+        "task": report.task,
+        "model": (getattr(model, "cellhub_config", None) or {}).get("model_name"),
+        "skipped_files": len(report.skipped),
+        "grouping": {"requested": report.group_by_requested, "group_by": report.group_by,
+                     "method": report.group_method.get(key, report.group_by)},
+    }
+
+
 def run_evaluate(checkpoint: str, data: str, split: str | None = None, *, batch_size: int = 64, n_boot: int = 1000,
                  seed: int = 0, cache_dir: str | None = None, progress: bool = True, group_by: str = "auto",
                  smear_dir: str | None = None) -> dict[str, Any] | None:
@@ -300,16 +329,8 @@ def run_evaluate(checkpoint: str, data: str, split: str | None = None, *, batch_
     procs = Processes()
     with procs.main_first():  # the main process fills the caches (validation, groups), then the others read them
         model = load_pretrained(checkpoint)
-        task = (getattr(model, "cellhub_config", None) or {}).get("task")
-        dsd, report = data_mod.load_cell_dataset(data, task=task, cache_dir=cache_dir, return_report=True,
-                                                 progress=progress and procs.is_main, group_by=group_by,
-                                                 smear_dir=smear_dir)
-    name, ds = select_split(dsd, split, source=str(data))
-    if len(ds) == 0:
-        raise ValueError(f"Split {name!r} of {data} has no images.")
-    split_key = name
-    if not report.named_splits and split is None:
-        name = "all"  # a folder without split folders is scored whole: not a "train" split
+        ds, name, key, report = _load_split(model, data, split, cache_dir=cache_dir, progress=progress and procs.is_main,
+                                            group_by=group_by, smear_dir=smear_dir)
     if procs.world > 1:
         m = _evaluate_sharded(model, ds, procs, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
         procs.close()
@@ -317,14 +338,50 @@ def run_evaluate(checkpoint: str, data: str, split: str | None = None, *, batch_
             return None
     else:
         m = evaluate_model(model, ds, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
-    m.update({
-        "checkpoint": str(checkpoint),
-        "data": str(data),
-        "split": name,
-        "task": report.task,
-        "model": (getattr(model, "cellhub_config", None) or {}).get("model_name"),
-        "skipped_files": len(report.skipped),
-        "grouping": {"requested": report.group_by_requested, "group_by": report.group_by,
-                     "method": report.group_method.get(split_key, report.group_by)},
-    })
+    m.update(_provenance(checkpoint, model, data, name, key, report))
     return m
+
+
+def compare_models(checkpoints: list[str], data: str, split: str | None = None, *, batch_size: int = 64,
+                   n_boot: int = 1000, seed: int = 0, cache_dir: str | None = None, progress: bool = True,
+                   group_by: str = "auto", smear_dir: str | None = None) -> dict[str, Any]:
+    """Evaluate several checkpoints of one task on the same labelled images, each against the first.
+
+    Returns ``{"models": [metrics of each, as run_evaluate], "comparisons": [...]}``: for each
+    checkpoint after the first, its accuracy minus the first one's with a 95% interval from a
+    *paired* bootstrap over groups (both scored on the same draw of cells / fields / patients, so
+    what they share cancels out), and how many images only one of the two gets right. This is the
+    check to run before using a changed model (``cellhub adapt``, ``--init-from``) instead of the
+    original: on labelled images of the lab it is meant for.
+    """
+    if len(checkpoints) < 2:
+        raise ValueError("compare_models needs at least two checkpoints (the first is the baseline).")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("Comparing checkpoints runs in one process; run it without `accelerate launch`.")
+    models = [load_pretrained(c) for c in checkpoints]
+    labels = [_model_labels(m) for m in models]
+    tasks = [(getattr(m, "cellhub_config", None) or {}).get("task") for m in models]
+    for c, t, lab in zip(checkpoints[1:], tasks[1:], labels[1:]):
+        if (t, lab) != (tasks[0], labels[0]):
+            raise ValueError(f"{c} is a {t or 'untagged'} model with labels {lab}, but {checkpoints[0]} is a "
+                             f"{tasks[0] or 'untagged'} model with labels {labels[0]}; compare models of one task.")
+    ds, name, key, report = _load_split(models[0], data, split, cache_dir=cache_dir, progress=progress,
+                                        group_by=group_by, smear_dir=smear_dir)
+    _check_labels(models[0], ds)
+    y = np.asarray(ds["label"], dtype=np.int64)
+    groups = [str(g) for g in ds["group"]] if "group" in ds.column_names else None
+    results, correct = [], []
+    for c, model in zip(checkpoints, models):
+        probs = predict_dataset(model, ds, batch_size=batch_size, progress=progress)
+        m = _metrics(ds, probs, labels[0], n_boot, seed)
+        m.update(_provenance(c, model, data, name, key, report))
+        results.append(m)
+        correct.append(probs.argmax(1) == y)
+    comparisons = []
+    for c, ok in zip(checkpoints[1:], correct[1:]):
+        diff, ci = paired_difference(correct[0], ok, groups, n_boot=max(n_boot, 1), seed=seed)
+        comparisons.append({"baseline": str(checkpoints[0]), "checkpoint": str(c), "accuracy_difference": diff,
+                            "ci95": ci, "right_only_baseline": int((correct[0] & ~ok).sum()),
+                            "right_only_checkpoint": int((ok & ~correct[0]).sum()), "n_images": int(len(y)),
+                            "n_groups": len(set(groups)) if groups is not None else int(len(y))})
+    return {"models": results, "comparisons": comparisons}

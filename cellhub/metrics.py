@@ -19,10 +19,13 @@ __all__ = [
     "macro_f1",
     "group_vote_accuracy",
     "grouped_bootstrap",
+    "paired_bootstrap",
+    "paired_difference",
     "expected_calibration_error",
     "choose_abstention_threshold",
     "format_metrics_table",
     "format_ci",
+    "format_comparison",
     "plot_history",
     "plot_confusion",
 ]
@@ -124,6 +127,36 @@ def grouped_bootstrap(
         out_acc[start : start + m] = (w @ correct) / tot
         out_f1[start : start + m] = _macro_f1_from_counts(w @ tp_img, w @ onehot_pred, w @ onehot_true)
     return {"accuracy": out_acc, "macro_f1": out_f1}
+
+
+def paired_bootstrap(a: Any, b: Any, groups: Sequence[Any] | None, n_boot: int, seed: int = 0) -> np.ndarray:
+    """Replicates of mean(b) - mean(a), resampling whole groups; ``a``, ``b``: per-image 0/1 correctness.
+
+    Both are scored on the same draw of groups, so what they share (hard cells, hard patients)
+    cancels out. ``groups=None``: every image is its own group.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"paired_bootstrap needs two equal, non-empty 1-D arrays (got {a.shape} and {b.shape}).")
+    if groups is None:
+        gidx = np.arange(len(a))
+    else:
+        _, gidx = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    n_groups = int(gidx.max()) + 1
+    per_group = np.zeros((n_groups, 3))
+    np.add.at(per_group, gidx, np.stack([a, b, np.ones_like(a)], axis=1))
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(np.float64)
+    sums = w @ per_group
+    return (sums[:, 1] - sums[:, 0]) / sums[:, 2]
+
+
+def paired_difference(a: Any, b: Any, groups: Sequence[Any] | None, n_boot: int = 2000,
+                      seed: int = 0) -> tuple[float, list[float]]:
+    """mean(b) - mean(a) of per-image correctness and its 95% paired group-bootstrap interval."""
+    lo, hi = np.quantile(paired_bootstrap(a, b, groups, n_boot, seed), [0.025, 0.975])
+    return float(np.mean(b) - np.mean(a)), [float(lo), float(hi)]
 
 
 def group_vote_accuracy(y_true: Sequence[int], y_prob: Any, groups: Sequence[Any]) -> dict[str, Any]:
@@ -327,6 +360,17 @@ def format_ci(ci: Any, *, digits: int = 3, scale: float = 1.0, missing: str = "n
     if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci):
         return f"[{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
     return missing
+
+
+def format_comparison(c: dict[str, Any]) -> str:
+    """One :func:`cellhub.evaluation.compare_models` comparison, in words."""
+    lo, hi = c["ci95"]
+    verdict = ("better" if lo > 0 else "worse" if hi < 0 else
+               "no difference shown: the interval includes 0")
+    return (f"{c['checkpoint']} - {c['baseline']}: accuracy {100 * c['accuracy_difference']:+.2f} points "
+            f"[{100 * lo:+.2f}, {100 * hi:+.2f}] (95%, paired bootstrap over {c['n_groups']} groups of "
+            f"{c['n_images']} images) -> {verdict}; right only by {c['checkpoint']}: {c['right_only_checkpoint']}, "
+            f"only by {c['baseline']}: {c['right_only_baseline']}")
 
 
 def format_metrics_table(m: dict[str, Any], title: str | None = None) -> str:

@@ -97,3 +97,44 @@ def test_labels_of_another_task_are_refused(setup, tmp_path):
     blood = write_imagefolder(tmp_path / "blood", "blood-cells", n_per_class=2, splits=None, size=32)
     with pytest.raises(ValueError):
         run_evaluate(str(ckpt), str(blood), None, n_boot=10, progress=False)
+
+
+def test_several_checkpoints_are_compared_on_the_same_images(setup, tmp_path, capsys):
+    """`evaluate A B DATA`: both scored, B - A with a paired group-bootstrap interval (the check after `adapt`)."""
+    from cellhub import hub, models
+    from cellhub.__main__ import main
+
+    data, ckpt = setup
+    flipped = hub.load_pretrained(ckpt)
+    with torch.no_grad():  # the same network with its head negated: every binary prediction flips
+        flipped.head.weight.neg_()
+        flipped.head.bias.neg_()
+    other = hub.save_pretrained(flipped, tmp_path / "flipped")
+    out = tmp_path / "cmp.json"
+    assert main(["evaluate", str(ckpt), str(other), str(data), "--split", "test", "--json", str(out),
+                 "--n-boot", "300", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    a, b = r["models"]
+    assert a["checkpoint"] == str(ckpt) and b["checkpoint"] == str(other)
+    assert a["n_images"] == b["n_images"] == 16
+    assert b["accuracy"] == pytest.approx(1 - a["accuracy"])  # complementary predictions
+    (c,) = r["comparisons"]
+    assert c["accuracy_difference"] == pytest.approx(b["accuracy"] - a["accuracy"])
+    assert c["right_only_baseline"] == round(16 * a["accuracy"]) and c["right_only_checkpoint"] == round(16 * b["accuracy"])
+    lo, hi = c["ci95"]
+    assert lo <= c["accuracy_difference"] <= hi and c["n_groups"] == 2
+    assert f"{100 * c['accuracy_difference']:+.2f} points" in printed and printed.count("confusion matrix") == 2
+
+    # one model against itself: no difference, a zero-width interval
+    same = main(["evaluate", str(ckpt), str(ckpt), str(data), "--split", "test", "--json", str(out),
+                 "--n-boot", "50", "--no-progress"])
+    (c,) = json.loads(out.read_text())["comparisons"]
+    assert same == 0 and c["accuracy_difference"] == 0 and c["ci95"] == [0.0, 0.0]
+    assert "no difference shown" in capsys.readouterr().out
+
+    # models of another task cannot be compared: a clear error, nothing scored
+    blood = models.create_model("smallcnn", "blood-cells", pretrained=False, image_size=16)
+    blood_ckpt = hub.save_pretrained(blood.eval(), tmp_path / "blood")
+    assert main(["evaluate", str(ckpt), str(blood_ckpt), str(data), "--split", "test", "--no-progress"]) == 2
+    assert "compare models of one task" in capsys.readouterr().err
