@@ -38,9 +38,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "groups": ("bench_groups.py", []),
     "fields": ("bench_fields.py", []),
     "stain-norm": ("bench_stainnorm.py", []),
+    "cell-crop": ("bench_cellcrop.py", []),
 }
 #: benchmarks that accept --data
-TAKES_DATA = {"folder", "train-input", "soak", "groups"}
+TAKES_DATA = {"folder", "train-input", "soak", "groups", "cell-crop"}
 LINE = re.compile(r"^[a-z0-9][a-z0-9-]*: ratio=")
 
 

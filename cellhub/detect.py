@@ -36,6 +36,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from cellhub.fieldnet import box_iou, centre_in, find_cells, load_fieldnet, net_extra_white_cells, net_red_cells
+from cellhub.masks import fill_holes, label_centroids
 
 __all__ = ["Cell", "Detection", "DetectParams", "DEFAULT_PARAMS", "detect_cells", "box_iou", "field_problem",
            "estimate_radius", "white_cell_centre", "working_image"]
@@ -175,11 +176,12 @@ def _foreground(arr: np.ndarray, p: DetectParams, r: float | None = None) -> np.
     dark = (255 - f[..., 1]).astype(np.uint8)
     bg = float(np.percentile(dark, 5))
     otsu, _ = cv2.threshold(dark, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = (dark > min(otsu, bg + p.fg_margin)) & (f.max(axis=2) > 40)  # a black crop border is not a cell
+    brightest = np.maximum(np.maximum(f[..., 0], f[..., 1]), f[..., 2])  # = f.max(axis=2), faster
+    mask = (dark > min(otsu, bg + p.fg_margin)) & (brightest > 40)  # a black crop border is not a cell
     if r is not None and r >= 3:  # close the rings of pale cells so that their centres fill
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(0.3 * r) | 1,) * 2)
         mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, k).astype(bool)
-    mask = ndi.binary_fill_holes(mask)
+    mask = fill_holes(mask)
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
     return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, k).astype(bool)
 
@@ -191,7 +193,8 @@ def _peaks(dt: np.ndarray, min_value: float, sep: float) -> np.ndarray:
     lab, n = ndi.label(local, structure=np.ones((3, 3)))
     if n == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    centres = np.array(ndi.center_of_mass(local, lab, range(1, n + 1)))
+    _, rows, cols = label_centroids(lab, n)
+    centres = np.stack([rows, cols], axis=1)
     # several peaks of one broad plateau: keep the highest within `sep`
     order = np.argsort(-dt[centres[:, 0].astype(int), centres[:, 1].astype(int)])
     tree = cKDTree(centres)
@@ -216,7 +219,7 @@ def estimate_radius(arr: np.ndarray, p: DetectParams = DEFAULT_PARAMS) -> float 
     """The typical red-cell radius in ``arr``'s pixels (median distance-transform peak), or None."""
     mask = _foreground(arr, p)
     if p.scale_redness > 0:  # pale red cells are rings in the darkness mask: fill them by their redness
-        mask = ndi.binary_fill_holes(mask | _redder(arr, p.scale_redness))
+        mask = fill_holes(mask | _redder(arr, p.scale_redness))
     if mask.mean() < 0.01:
         return None
     dt = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
@@ -366,7 +369,7 @@ def _detect_tile(arr: np.ndarray, r: float, p: DetectParams, net) -> list[tuple[
         for box, a, (row, col) in net_red_cells(found, keep.astype(bool)):
             out.append(("rbc", box, a, (float(col), float(row))))
         return out
-    red = ndi.binary_fill_holes(fg | _redder(arr, p.rbc_redness)) if p.rbc_redness > 0 else fg
+    red = fill_holes(fg | _redder(arr, p.rbc_redness)) if p.rbc_redness > 0 else fg
     for box, a, (row, col) in _red_cells(arr, red & keep.astype(bool), r, p):
         out.append(("rbc", box, a, (float(col), float(row))))
     return out
@@ -484,9 +487,7 @@ def white_cell_centre(image: Image.Image | np.ndarray, *, min_contrast: float = 
         return None
     k = max(3, int(0.04 * min(h, w)) | 1)
     lab, n = ndi.label(cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))))
-    ids = np.arange(1, n + 1)
-    area = ndi.sum(mask, lab, ids)
-    cy, cx = np.asarray(ndi.center_of_mass(mask, lab, ids)).reshape(-1, 2).T
+    area, cy, cx = label_centroids(lab, n, weights=mask)
     score = area * np.exp(-4.0 * (((cx - w / 2) / w) ** 2 + ((cy - h / 2) / h) ** 2))
     best = int(np.argmax(score))
     return float(cx[best]), float(cy[best])

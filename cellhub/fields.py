@@ -31,6 +31,7 @@ from scipy import ndimage as ndi
 
 from .detect import DEFAULT_PARAMS, Cell, Detection, DetectParams, detect_cells, field_problem
 from .images import DEFAULT_LIMITS, ImageRef, InputError, Limits, collect_images, read_image
+from .masks import fill_holes
 from .predict import Prediction, Predictor, consensus
 
 __all__ = [
@@ -130,7 +131,7 @@ def rbc_crop(image: Image.Image, box: Sequence[int], size: int = RBC_CROP_SIZE,
     if exclude is not None:
         mask &= ~exclude[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
     if background_green is not None:
-        cell = ndi.binary_fill_holes(mask & (np.asarray(region)[..., 1] < background_green - 15))
+        cell = fill_holes(mask & (np.asarray(region)[..., 1] < background_green - 15))
         lab, n = ndi.label(cell)
         if n:
             keep = lab == (np.bincount(lab.ravel())[1:].argmax() + 1)
