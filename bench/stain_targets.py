@@ -1,11 +1,15 @@
 """The CIELAB targets of ``stain_norm="reinhard"`` (``cellhub.transforms.STAIN_NORMS``).
 
     python bench/stain_targets.py --dataset ../shared/data/blood-cells --dataset ../shared/data/pbc [--n 1000]
+    python bench/stain_targets.py --task malaria --dataset ../shared/data/malaria \
+        --dataset /tmp/cellhub-bundle/bccd-rbc-negatives --cell-crop none --size 64 --black-below 20
 
 For ``--n`` images drawn at random (seed 0) from each development dataset: the 80 px nucleus crop
 every bundled blood-cell model sees, its per-channel CIELAB mean and standard deviation; printed:
 the average of each over all images (what STAIN_NORMS["reinhard"] holds), and per dataset, to show
-how far apart the labs' colours are.
+how far apart the labs' colours are. ``--cell-crop none --size 64 --black-below 20``: the malaria
+model's input (the whole crop at 64 px), moments over the cell's pixels only, not the black
+background the segmented red-cell crops are cut out on (what STAIN_NORMS["reinhard-cell"] holds).
 """
 from __future__ import annotations
 
@@ -29,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="blood-cells")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--size", type=int, default=80)
-    p.add_argument("--cell-crop", default="nucleus")
+    p.add_argument("--cell-crop", default="nucleus", help="nucleus (default) or none: the whole image")
+    p.add_argument("--black-below", type=int, default=0,
+                   help="moments over the pixels whose brightest channel reaches this (0: all pixels)")
     args = p.parse_args(argv)
-    crop = transforms.CellCrop(args.cell_crop)
+    crop = transforms.CellCrop(args.cell_crop) if args.cell_crop != "none" else (lambda im: im)
     allm, alls = [], []
     for path in args.dataset:
         dsd = data_mod.load_cell_dataset(path, task=args.task, progress=False)
@@ -39,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = np.random.default_rng(0).choice(len(ds), min(args.n, len(ds)), replace=False).tolist()
 
         def moments(i: int, _raw: object) -> tuple[np.ndarray, np.ndarray]:
-            img = crop(ds[i]["image"].convert("RGB")).resize((args.size, args.size))
-            lab = transforms.rgb_to_lab(np.asarray(img)).reshape(-1, 3)
+            img = np.asarray(crop(ds[i]["image"].convert("RGB")).resize((args.size, args.size)))
+            lab = transforms.rgb_to_lab(img)[img.max(axis=2) >= args.black_below].reshape(-1, 3)
             return lab.mean(0), lab.std(0)
 
         got = [m for _s, _c, ms in iter_decoded(rows, moments, chunk_size=128) for m in ms]

@@ -37,6 +37,34 @@ def test_two_stains_of_one_cell_come_out_alike():
     np.testing.assert_allclose(lab.std(0), spec["std"], rtol=0.15)  # clipping to the gamut narrows b a little
 
 
+def test_a_cell_on_black_is_normalised_by_its_own_pixels():
+    """reinhard-cell (malaria crops): the black around a cut-out cell neither moves nor weighs in."""
+    from cellhub.synthetic import draw_malaria_cell
+
+    cell = draw_malaria_cell("uninfected", size=64, seed=3)[0].convert("RGB")
+    arr = np.asarray(cell).copy()
+    yy, xx = np.mgrid[:64, :64]
+    arr[(yy - 32) ** 2 + (xx - 32) ** 2 > 26 ** 2] = 0  # cut out on black, as the NIH crops are
+    padded = np.pad(arr, ((16, 16), (16, 16), (0, 0)))  # the same cell, more black around it
+    spec = transforms.stain_norm_spec("reinhard-cell")
+    assert spec["black_below"] == 20 and transforms.stain_norm_spec(json.loads(json.dumps(spec))) == spec
+    out = np.asarray(transforms.stain_normalise(Image.fromarray(arr), spec))
+    black = arr.max(axis=2) < 20
+    assert (out[black] == 0).all()
+    lab = transforms.rgb_to_lab(out)[~black]
+    np.testing.assert_allclose(lab.mean(0), spec["mean"], atol=1.5)
+    np.testing.assert_allclose(lab.std(0), spec["std"], rtol=0.15)
+    # the whole-image Reinhard counts the black, so the cell's colour depends on how much black surrounds it
+    whole = [np.asarray(transforms.stain_normalise(Image.fromarray(x), "reinhard"), float) for x in (arr, padded)]
+    fg = [np.asarray(transforms.stain_normalise(Image.fromarray(x), spec), float) for x in (arr, padded)]
+    assert np.array_equal(fg[0], fg[1][16:-16, 16:-16])
+    assert np.abs(whole[0] - whole[1][16:-16, 16:-16])[~black].mean() > 5
+    blank = np.zeros((32, 32, 3), np.uint8)  # nothing but black: returned as it is
+    assert (np.asarray(transforms.stain_normalise(Image.fromarray(blank), spec)) == 0).all()
+    with pytest.raises(ValueError, match="black_below"):
+        transforms.stain_norm_spec({**spec, "black_below": 300})
+
+
 def test_specs_validate_and_read_back():
     assert transforms.stain_norm_spec("none") is None and transforms.stain_norm_spec(None) is None
     spec = transforms.stain_norm_spec("reinhard")

@@ -67,7 +67,9 @@ class TrainConfig:
                           "model", choices=("none", *CELL_CROPS))
     stain_norm: str = _opt("none", "reinhard: map each image's CIELAB colour moments to fixed ones after the "
                                    "resize (training, evaluation and prediction alike; recorded in the "
-                                   "checkpoint): one stain colour across labs", "model",
+                                   "checkpoint): one stain colour across labs. reinhard-cell: the same for "
+                                   "single cells cut out on black (malaria crops): the cell's pixels only",
+                           "model",
                            choices=("none", *STAIN_NORMS))
     stain_jitter: float = _opt(0.1, "colour augmentation: brightness, contrast and saturation jitter (hue: a fifth "
                                     "of it)", "optimisation")
