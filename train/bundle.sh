@@ -180,7 +180,9 @@ for ckpt in (Path("checkpoints") / name for name in ([only] if only else names))
     saved = json.loads((ckpt / "metrics.json").read_text())
     cv = saved.get("cross_validation")
     print(f"{ckpt.name}: task {cc['task']}, input {cc['pretrained_cfg']['input_size']}, "
-          f"cell crop {cc.get('cell_crop')}, grouped validation {m['n_images']} images / {m['n_groups']} groups: "
+          f"cell crop {cc.get('cell_crop')}"
+          + (f", stain norm {cc['stain_norm']['method']}" if cc.get("stain_norm") else "")
+          + f", grouped validation {m['n_images']} images / {m['n_groups']} groups: "
           f"accuracy {m['accuracy']:.4f} CI {[round(x, 4) for x in m['ci95']]}, macro-F1 {m['macro_f1']:.4f}"
           + (f", AUC {m['auc']:.4f}" if m.get("auc") is not None else "")
           + f" | metrics.json accuracy {saved['accuracy']:.4f} ({saved['split']['name']})"
