@@ -147,6 +147,21 @@ class BatchResult:
         labels = self.label_counts.elements() if self.label_counts else (c.label for c in self.consensus)
         return class_counts(labels, self.labels)
 
+    def gathered(self, procs: Any) -> BatchResult:
+        """On the main process of a data-parallel run (:class:`cellhub.distributed.Processes`), this
+        result with every process's counts summed (rows are not gathered: they went to per-process
+        CSV parts); the other processes get theirs back unchanged."""
+        parts = procs.gather({"n": self.n_predicted, "labels": dict(self.label_counts), "uncertain": self.n_uncertain,
+                              "skipped": self.skipped, "seconds": self.seconds})
+        if not procs.is_main:
+            return self
+        self.n_predicted = sum(p["n"] for p in parts)
+        self.label_counts = sum((Counter(p["labels"]) for p in parts), Counter())
+        self.n_uncertain = sum(p["uncertain"] for p in parts)
+        self.skipped = [s for p in parts for s in p["skipped"]]
+        self.seconds = max(p["seconds"] for p in parts)  # they ran side by side
+        return self
+
     def write_csv(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

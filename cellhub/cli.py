@@ -142,11 +142,13 @@ def _add_predict(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "predict",
         help="classify images, folders or .zip archives with a checkpoint",
-        description="Classify cell images with one checkpoint (Hub id or folder), batched, with "
-        "optional Grad-CAM overlays and a CSV of the results. Any number of images: rows are written "
+        description="Classify cell images with a checkpoint (Hub id or folder), batched, with "
+        "optional Grad-CAM overlays and a CSV of the results. More checkpoint folders of one task right after "
+        "the first (e.g. the bundled blood-cell pair) classify side by side: each model's label and their "
+        "consensus, flagged uncertain where they disagree. Any number of images: rows are written "
         "to the CSV as they are predicted, and --resume continues an interrupted run.",
     )
-    p.add_argument("checkpoint", help="Hub model id or local checkpoint folder")
+    p.add_argument("checkpoint", help="Hub model id or local checkpoint folder (more folders may follow it)")
     p.add_argument("inputs", nargs="+",
                    help="image files, folders (searched recursively), .zip archives, or .txt files listing "
                         "one of those per line (relative paths from the .txt's folder)")
@@ -187,8 +189,8 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
-def _cam_saver(predictor: Any, cam_dir: Path) -> Any:
-    """``save(refs, images, preds)``: one overlay PNG per image, under a unique name."""
+def _cam_saver(predictors: list[Any], cam_dir: Path) -> Any:
+    """``save(refs, images, preds)``: one overlay PNG per image (per image and model with several), uniquely named."""
     cam_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
 
@@ -199,9 +201,37 @@ def _cam_saver(predictor: Any, cam_dir: Path) -> Any:
             while out in used:
                 out, n = f"{stem}-{n}.cam.png", n + 1
             used.add(out)
-            predictor.overlay(img, pred[predictor.name]).save(cam_dir / out)
+            for p in predictors:
+                name = out if len(predictors) == 1 else out.replace(".cam.png", f".{p.name}.cam.png")
+                p.overlay(img, pred[p.name]).save(cam_dir / name)
 
     return save
+
+
+def _predictors_and_inputs(args: argparse.Namespace, device: Any) -> tuple[list[Any], list[str]]:
+    """``predict``'s models (the checkpoint, and checkpoint folders right after it) and its image inputs."""
+    from .predict import Predictor
+
+    checkpoints, inputs = [args.checkpoint], list(args.inputs)
+    while inputs and _is_checkpoint_dir(Path(inputs[0])):  # `predict CKPT_A CKPT_B images/`: models side by side
+        checkpoints.append(inputs.pop(0))
+    for item in inputs:  # a checkpoint among the images would have its plots and JSON read as images
+        if _is_checkpoint_dir(Path(item)):
+            raise SystemExit(f"{item} is a checkpoint folder, not images: give every checkpoint first, then the "
+                             "images (predict CKPT [CKPT ...] IMAGES...)")
+    if not inputs:
+        raise SystemExit("no images given after the checkpoint(s)")
+    predictors = []
+    for ckpt in checkpoints:
+        try:
+            predictors.append(Predictor.from_pretrained(ckpt, device=device))
+        except Exception as exc:
+            raise SystemExit(f"could not load checkpoint {ckpt!r}: {exc}") from exc
+        first, p = predictors[0], predictors[-1]
+        if list(p.labels) != list(first.labels) or [q.name for q in predictors].count(p.name) > 1:
+            raise SystemExit(f"{ckpt}: its labels {list(p.labels)} are not {checkpoints[0]}'s {list(first.labels)}, "
+                             f"or it is named {p.name!r} like another: give distinct checkpoints of one task")
+    return predictors, inputs
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -210,27 +240,19 @@ def _predict(args: argparse.Namespace) -> int:
     from .batch import BatchResult, CsvStream, csv_parts, done_rows, merge_csv_parts, predict_files
     from .distributed import Processes
     from .images import InputError, Limits, collect_images
-    from .predict import Predictor
 
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.resume and args.csv is None:
         raise SystemExit("--resume needs --csv: the CSV is where the finished images are read from")
-    for item in args.inputs:  # `predict CKPT_A CKPT_B images/` would read the second checkpoint's files as images
-        if _is_checkpoint_dir(Path(item)):
-            raise SystemExit(f"{item} is a checkpoint folder, not images: `predict` classifies with one checkpoint "
-                             "(the first argument). For several models side by side with their consensus, use the "
-                             "app: python app.py --models CHECKPOINT [CHECKPOINT ...]")
     procs = Processes()
-    try:
-        predictor = Predictor.from_pretrained(args.checkpoint, device=args.device or procs.device)
-    except Exception as exc:
-        raise SystemExit(f"could not load checkpoint {args.checkpoint!r}: {exc}") from exc
+    predictors, inputs = _predictors_and_inputs(args, args.device or procs.device)
+    predictor = predictors[0]  # the first model: its task, labels (and, alone, its threshold) for the summary
     try:  # a command-line run has no request limit: the rows stream to the CSV
-        refs, skipped = collect_images(_expand_inputs(args.inputs), limits=Limits(max_images=sys.maxsize))
+        refs, skipped = collect_images(_expand_inputs(inputs), limits=Limits(max_images=sys.maxsize))
     except InputError as exc:
         raise SystemExit(str(exc)) from exc
-    layout = BatchResult(models=[predictor.name], labels=list(predictor.labels))
+    layout = BatchResult(models=[p.name for p in predictors], labels=list(predictor.labels))
     try:
         done = done_rows(args.csv, layout.header()) if args.resume else set()
     except ValueError as exc:
@@ -248,24 +270,29 @@ def _predict(args: argparse.Namespace) -> int:
     if args.csv is not None and procs.world > 1:
         out_csv = args.csv.with_name(f"{args.csv.name}.part{procs.rank}")
     stream = CsvStream(out_csv, layout.header(), append=args.resume)
-    save_cams = _cam_saver(predictor, args.cam_dir) if args.cam_dir is not None else None
+    save_cams = _cam_saver(predictors, args.cam_dir) if args.cam_dir is not None else None
     bar = tqdm(total=len(refs), unit="img", desc="predict" if procs.world == 1 else f"predict [{procs.rank}]",
                smoothing=0.1, position=procs.rank)
 
     def on_chunk(chunk_refs: list[Any], images: list[Any], preds: list[dict[str, Any]]) -> None:
         from .predict import consensus
 
-        stream.write([layout.row(r.name, p, consensus(list(p.values()))) for r, p in zip(chunk_refs, preds)])
+        cons = [consensus(list(p.values())) for p in preds]
+        stream.write([layout.row(r.name, p, c) for r, p, c in zip(chunk_refs, preds, cons)])
         if save_cams is not None:
             save_cams(chunk_refs, images, preds)
-        if not args.quiet:
-            for ref, p in zip(chunk_refs, preds):
+        for ref, p, c in ([] if args.quiet else zip(chunk_refs, preds, cons)):
+            if len(predictors) == 1:
                 pred = p[predictor.name]
                 flag = "  UNCERTAIN (under threshold)" if pred.abstain else ""
                 bar.write(f"{ref.name}\t{pred.label}\t{pred.confidence:.3f}{flag}")
+            else:
+                each = "  ".join(f"{n}: {q.label} {q.confidence:.3f}" for n, q in p.items())
+                bar.write(f"{ref.name}\t{c.label}\t({each})" + (f"  UNCERTAIN ({'; '.join(c.reasons)})"
+                                                                 if c.uncertain else ""))
 
     try:
-        result = predict_files([predictor], refs, batch_size=args.batch_size, workers=args.workers,
+        result = predict_files(predictors, refs, batch_size=args.batch_size, workers=args.workers,
                                check_cells=args.cell_check,
                                with_cam=save_cams is not None, on_chunk=on_chunk, keep_results=False,
                                progress=lambda done, total, _m: bar.update(done - bar.n))
@@ -273,42 +300,30 @@ def _predict(args: argparse.Namespace) -> int:
         bar.close()
         stream.close()
     if procs.world > 1:
-        result = _gathered(result, procs)
+        result = result.gathered(procs)
         if args.csv is not None and procs.is_main:
             merge_csv_parts(args.csv, layout.header(), resume=args.resume)
         procs.close()
         if not procs.is_main:
             return 0
     result.skipped = skipped + result.skipped
-    _print_summary(result, predictor, args)
+    _print_summary(result, predictors, args)
     return 0 if result.n_predicted or done else 2
 
 
-def _gathered(result: Any, procs: Any) -> Any:
-    """One result from every process's counts (the main process's; the others get theirs back)."""
-    parts = procs.gather({"n": result.n_predicted, "labels": dict(result.label_counts), "uncertain": result.n_uncertain,
-                          "skipped": result.skipped, "seconds": result.seconds})
-    if not procs.is_main:
-        return result
-    from collections import Counter
-
-    result.n_predicted = sum(p["n"] for p in parts)
-    result.label_counts = sum((Counter(p["labels"]) for p in parts), Counter())
-    result.n_uncertain = sum(p["uncertain"] for p in parts)
-    result.skipped = [s for p in parts for s in p["skipped"]]
-    result.seconds = max(p["seconds"] for p in parts)  # they ran side by side
-    return result
-
-
-def _print_summary(result: Any, predictor: Any, args: argparse.Namespace) -> None:
-    n = result.n_predicted
+def _print_summary(result: Any, predictors: list[Any], args: argparse.Namespace) -> None:
+    n, predictor = result.n_predicted, predictors[0]
     rate = n / result.seconds if result.seconds > 0 else float("nan")
-    print(f"\n{n} images in {result.seconds:.2f} s ({rate:.1f} img/s) with {predictor.name} ({predictor.task}):")
+    names = " + ".join(p.name for p in predictors) + (" (their consensus)" if len(predictors) > 1 else "")
+    print(f"\n{n} images in {result.seconds:.2f} s ({rate:.1f} img/s) with {names} ({predictor.task}):")
     rows = result.counts()
     width = max([14, *(len(str(label)) for label, _, _ in rows)])  # "immature granulocyte" is 20
     for label, count, pct in rows:
         print(f"  {label:<{width}} {count:>6}  {pct:5.1f}%")
-    if predictor.threshold is None:
+    if len(predictors) > 1:
+        print(f"  {result.n_uncertain} flagged uncertain: the models disagree, or one is under its abstention "
+              "threshold (refer for manual review)")
+    elif predictor.threshold is None:
         print("  (this checkpoint has no abstention threshold: low-confidence predictions are not flagged)")
     else:
         print(f"  {result.n_uncertain} under the abstention threshold {predictor.threshold:.3f} "

@@ -94,13 +94,41 @@ def test_batch_does_not_classify_what_is_not_a_cell(checkpoint, tmp_path, capsys
     assert len(list(csv.DictReader(out.open()))) == 3
 
 
-def test_predict_refuses_a_second_checkpoint_given_as_input(checkpoint, tmp_path):
-    """`predict CKPT CKPT images/`: the second checkpoint is not read as images (its PNG plots and
-    JSON files), the user is told where several models go, and nothing is written."""
-    draw_blood_cell("monocyte", size=(96, 72), seed=1).save(tmp_path / "cell.png")
+def test_predict_with_several_checkpoints_gives_each_label_and_the_consensus(checkpoint, tmp_path, capsys):
+    """`predict CKPT_A CKPT_B images/`: both models side by side, their consensus, disagreements flagged;
+    a checkpoint among the images is not read as images (its PNG plots and JSON files), nor is one given
+    twice or of another task used; nothing is written then."""
+    torch.manual_seed(1)
+    other = hub.save_pretrained(create_model("smallcnn", "blood-cells", pretrained=False, image_size=32),
+                                tmp_path / "ck" / "other")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, kind in enumerate(("monocyte", "neutrophil", "lymphocyte", "eosinophil")):
+        draw_blood_cell(kind, size=(96, 72), seed=i).save(images / f"{kind}.png")
     out = tmp_path / "o.csv"
-    with pytest.raises(SystemExit, match="is a checkpoint folder, not images.*python app.py --models"):
-        cellhub_main(["predict", str(checkpoint), str(checkpoint), str(tmp_path), "--csv", str(out)])
+    assert cellhub_main(["predict", str(checkpoint), str(other), str(images), "--csv", str(out),
+                         "--cam-dir", str(tmp_path / "cams")]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4 and "m label" in rows[0] and "other label" in rows[0]
+    for r in rows:
+        agree = r["m label"] == r["other label"]
+        assert r["agreement"] == ("2/2" if agree else "1/2")
+        assert r["consensus"] in (r["m label"], r["other label"])
+        if not agree:
+            assert r["uncertain"] == "True" and "models disagree" in r["reasons"]
+    assert "m + other (their consensus)" in printed and "flagged uncertain" in printed
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == sorted(
+        f"{Path(r['file'].replace('/', '__')).stem}.{m}.cam.png" for r in rows for m in ("m", "other"))
+    out.unlink()
+    with pytest.raises(SystemExit, match="is a checkpoint folder, not images: give every checkpoint first"):
+        cellhub_main(["predict", str(checkpoint), str(images), str(other), "--csv", str(out)])
+    with pytest.raises(SystemExit, match="give distinct checkpoints of one task"):
+        cellhub_main(["predict", str(checkpoint), str(checkpoint), str(images), "--csv", str(out)])
+    malaria = hub.save_pretrained(create_model("smallcnn", "malaria", pretrained=False, image_size=32),
+                                  tmp_path / "ck" / "mal")
+    with pytest.raises(SystemExit, match="give distinct checkpoints of one task"):
+        cellhub_main(["predict", str(checkpoint), str(malaria), str(images), "--csv", str(out)])
     assert not out.exists()
 
 
