@@ -86,6 +86,19 @@ def expected_calibration_error(y_true: Sequence[int], y_prob: Any, n_bins: int =
     return float(ece)
 
 
+def _group_index(groups: Sequence[Any] | None, n: int) -> tuple[np.ndarray, int]:
+    """``(each image's group number, number of groups)``; ``groups=None``: every image its own group."""
+    if groups is None:
+        return np.arange(n), n
+    _, gidx = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    return gidx, int(gidx.max()) + 1 if n else 0
+
+
+def _group_draws(rng: np.random.Generator, n_groups: int, size: int) -> np.ndarray:
+    """(size, n_groups): how often each group is drawn in each bootstrap replicate (n_groups draws each)."""
+    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=size).astype(np.float64)
+
+
 def grouped_bootstrap(
     y_true: Sequence[int],
     y_pred: Sequence[int],
@@ -103,12 +116,7 @@ def grouped_bootstrap(
     y = np.asarray(y_true, dtype=np.int64)
     yp = np.asarray(y_pred, dtype=np.int64)
     n = len(y)
-    if groups is None:
-        gidx = np.arange(n)
-        n_groups = n
-    else:
-        _, gidx = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-        n_groups = int(gidx.max()) + 1 if n else 0
+    gidx, n_groups = _group_index(groups, n)
     if n == 0 or n_boot <= 0:
         return {"accuracy": np.empty(0), "macro_f1": np.empty(0)}
     rng = np.random.default_rng(seed)
@@ -121,8 +129,7 @@ def grouped_bootstrap(
     chunk = max(1, int(2_000_000 // max(n, 1)))  # bound memory of the (chunk, n) weight matrix
     for start in range(0, n_boot, chunk):
         m = min(chunk, n_boot - start)
-        gw = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=m).astype(np.float64)
-        w = gw[:, gidx]  # (m, n): how often each image is in the replicate
+        w = _group_draws(rng, n_groups, m)[:, gidx]  # (m, n): how often each image is in the replicate
         tot = w.sum(axis=1)
         out_acc[start : start + m] = (w @ correct) / tot
         out_f1[start : start + m] = _macro_f1_from_counts(w @ tp_img, w @ onehot_pred, w @ onehot_true)
@@ -139,16 +146,10 @@ def paired_bootstrap(a: Any, b: Any, groups: Sequence[Any] | None, n_boot: int, 
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or not len(a):
         raise ValueError(f"paired_bootstrap needs two equal, non-empty 1-D arrays (got {a.shape} and {b.shape}).")
-    if groups is None:
-        gidx = np.arange(len(a))
-    else:
-        _, gidx = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    n_groups = int(gidx.max()) + 1
+    gidx, n_groups = _group_index(groups, len(a))
     per_group = np.zeros((n_groups, 3))
     np.add.at(per_group, gidx, np.stack([a, b, np.ones_like(a)], axis=1))
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(np.float64)
-    sums = w @ per_group
+    sums = _group_draws(np.random.default_rng(seed), n_groups, n_boot) @ per_group
     return (sums[:, 1] - sums[:, 0]) / sums[:, 2]
 
 
