@@ -12,8 +12,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,12 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "cached_json",
+    "CACHE_KINDS",
+    "CacheEntry",
+    "cache_entries",
+    "mark_used",
+    "prune_cache",
+    "warn_if_large",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,6 +152,7 @@ def cached_json(path: Path | None, compute: Any, *, what: str, valid: Any = None
         hit = read_json(path)
         if hit is not None and (valid is None or valid(hit)):
             logger.info("%s loaded from cache %s", what, path)
+            mark_used(path)
             return hit
     value = compute()
     if path is not None:
@@ -151,3 +161,104 @@ def cached_json(path: Path | None, compute: Any, *, what: str, valid: Any = None
         except OSError as exc:
             logger.warning("Could not cache %s in %s: %s", what, path, exc)
     return value
+
+
+# ------------------------------------------------------------------------------ upkeep
+#: the folders cellhub writes under its cache root, and what each holds; upkeep touches nothing else
+CACHE_KINDS = {
+    "resized": "decoded training images (one Arrow file per data set, size and crop)",
+    "hf-datasets": "datasets' own cache of local image folders",
+    "validated": "image checks of data set folders",
+    "groups": "patient / field groups of data sets",
+    "smears": "crop-to-field matches of the Kaggle crops",
+    "features": "CNN features for the SVM baseline",
+    "weights": "ImageNet weights converted from an installed package",
+}
+#: ``warn_if_large`` speaks above this many bytes
+WARN_BYTES = 10 * 1024 ** 3
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One item of a cache folder (a file, or a folder counted whole): its size and when it was last used."""
+
+    kind: str
+    path: Path
+    size: int
+    last_used: float  # newest modification time of its files (``mark_used`` refreshes it on a hit)
+
+
+def _walk_size(path: Path) -> tuple[int, float]:
+    if not path.is_dir():
+        st = path.stat()
+        return st.st_size, st.st_mtime
+    size, newest = 0, path.stat().st_mtime
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(dirpath, name))
+                size, newest = size + st.st_size, max(newest, st.st_mtime)
+    return size, newest
+
+
+def cache_entries(root: str | os.PathLike | None = None) -> list[CacheEntry]:
+    """Every item in the known cache folders (``CACHE_KINDS``) under ``root``, least recently used first."""
+    root = Path(root).expanduser() if root is not None else default_cache_dir()
+    out = []
+    for kind in CACHE_KINDS:
+        folder = root / kind
+        if not folder.is_dir():
+            continue
+        for item in folder.iterdir():
+            with contextlib.suppress(OSError):  # removed meanwhile by another process
+                out.append(CacheEntry(kind, item, *_walk_size(item)))
+    return sorted(out, key=lambda e: (e.last_used, str(e.path)))
+
+
+def mark_used(path: str | os.PathLike) -> None:
+    """Refresh a cache file's time so upkeep (``prune_cache(older_than_days=)``) sees it was used."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def prune_cache(root: str | os.PathLike | None = None, *, kinds: Iterable[str] | None = None,
+                older_than_days: float | None = None, max_bytes: int | None = None, clear: bool = False,
+                dry_run: bool = False, now: float | None = None) -> tuple[list[CacheEntry], list[tuple[CacheEntry, str]]]:
+    """Remove cache items, least recently used first; returns ``(removed, failed)`` (``failed``: item, why).
+
+    ``clear`` removes every item of ``kinds`` (default: all of ``CACHE_KINDS``); ``older_than_days``
+    those not used for that long; ``max_bytes`` the oldest until the rest fits. Nothing outside the
+    known folders is touched, and every item is rebuilt by the next run that needs it.
+    """
+    if not (clear or older_than_days is not None or max_bytes is not None):
+        raise ValueError("say what to remove: clear=True, older_than_days=N or max_bytes=N")
+    kinds = list(CACHE_KINDS) if kinds is None else list(kinds)
+    unknown = sorted(set(kinds) - set(CACHE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown cache kind(s) {unknown}; choose from {sorted(CACHE_KINDS)}")
+    entries = [e for e in cache_entries(root) if e.kind in kinds]
+    cutoff = (now if now is not None else time.time()) - 86400 * older_than_days if older_than_days is not None else None
+    left = sum(e.size for e in entries)
+    chosen = []
+    for e in entries:  # oldest first
+        if clear or (cutoff is not None and e.last_used < cutoff) or (max_bytes is not None and left > max_bytes):
+            chosen.append(e)
+            left -= e.size
+    removed, failed = [], []
+    for e in chosen:
+        try:
+            if not dry_run:
+                shutil.rmtree(e.path) if e.path.is_dir() else e.path.unlink()
+            removed.append(e)
+        except OSError as exc:  # e.g. a file another process has open on Windows
+            failed.append((e, str(exc)))
+    return removed, failed
+
+
+def warn_if_large(root: str | os.PathLike | None = None, limit: int = WARN_BYTES) -> int:
+    """Log a warning with the upkeep command when the cache holds more than ``limit`` bytes; returns its size."""
+    total = sum(e.size for e in cache_entries(root))
+    if total > limit:
+        logger.warning("The cellhub cache holds %.1f GB. `python -m cellhub cache` lists it; `python -m cellhub "
+                       "cache --older-than 30` frees what no run has used for 30 days.", total / 1024 ** 3)
+    return total

@@ -1,4 +1,4 @@
-"""``python -m cellhub audit|evaluate|predict|analyze|adapt ...``: the command line, over the library's functions.
+"""``python -m cellhub audit|evaluate|predict|analyze|adapt|cache ...``: the command line, over the library's functions.
 
 Each subcommand is a thin layer: parse, call one library function, print, exit 0 (done), 2 (bad
 input, with a message that says what to do). Library modules register nothing here.
@@ -443,55 +443,18 @@ def _print_fields(result: Any) -> None:
                   f"{100 * s['malaria_half_width']:g} points")
 
 
-# ---------------------------------------------------------------------------------- adapt
-def _adapt(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from .adapt import describe, run_adapt
-
-    with tqdm(unit="img", desc="re-estimating BatchNorm", disable=args.no_progress) as bar:
-        try:
-            out, report = run_adapt(args.checkpoint, args.inputs, args.out, min_images=args.min_images,
-                                    check_cells=args.cell_check, overwrite=args.overwrite, seed=args.seed,
-                                    progress=bar.update)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    print(describe(report, out, args.checkpoint))
-    return 0
-
-
-def _add_adapt(subparsers: Any) -> None:
-    from .adapt import MIN_IMAGES
-
-    p = subparsers.add_parser(
-        "adapt", help="fit a checkpoint to your lab's images without labels (re-estimate its BatchNorm statistics)",
-        description="Re-estimate CHECKPOINT's BatchNorm statistics on your lab's own single-cell crops (AdaBN: no "
-                    "labels, the weights are unchanged) and write the adapted checkpoint to --out. Give crops of the "
-                    "kind you will classify, as they come (not one class only); images that are not blood-cell "
-                    "crops are skipped. See README, 'Adapt a model to your lab's images'.")
-    p.add_argument("checkpoint", help="checkpoint folder or Hugging Face Hub model id (a BatchNorm model)")
-    p.add_argument("inputs", nargs="+", help="your lab's cell images: files, folders (searched recursively) or .zip")
-    p.add_argument("--out", type=Path, required=True, help="folder to write the adapted checkpoint to")
-    p.add_argument("--min-images", type=int, default=MIN_IMAGES,
-                   help=f"refuse with fewer usable images than this (default {MIN_IMAGES})")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
-    p.add_argument("--no-cell-check", dest="cell_check", action="store_false",
-                   help="use every image, also those that do not look like a stained blood-cell crop")
-    p.add_argument("--seed", type=int, default=0, help="seed of the order the images are read in")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_adapt)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m cellhub`` parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="python -m cellhub",
         description="Classify (predict), score (evaluate) and check for leaks (audit) blood-smear cell images; "
-                    "analyse whole microscope fields (analyze); fit a checkpoint to your lab's images (adapt).")
+                    "analyse whole microscope fields (analyze); fit a checkpoint to your lab's images (adapt); "
+                    "list or free cellhub's disk cache (cache).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_audit, _add_evaluate, _add_predict, _add_analyze, _add_adapt):
+    from .cli_upkeep import add_adapt, add_cache
+
+    for add in (_add_audit, _add_evaluate, _add_predict, _add_analyze, add_adapt, add_cache):
         add(sub)
     return parser
 

@@ -62,3 +62,70 @@ def test_default_cache_dir_follows_the_environment(tmp_path, monkeypatch):
 
     assert smears.default_cache_dir() == tmp_path / "smears"
     assert data.default_cache_dir() == tmp_path
+
+
+def _item(root, kind, name, size, days_ago, now):
+    path = root / kind / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    os.utime(path, (now - 86400 * days_ago, now - 86400 * days_ago))
+    return path
+
+
+def test_prune_cache_removes_least_recently_used_items_of_known_kinds_only(tmp_path):
+    now = 2_000_000_000.0
+    old = _item(tmp_path, "resized", "a.arrow", 3000, 40, now)
+    mid = _item(tmp_path, "resized", "b.arrow", 2000, 10, now)
+    new = _item(tmp_path, "validated", "c.json", 1000, 1, now)
+    hf = tmp_path / "hf-datasets" / "imagefolder"  # a folder counts as one item, sized and dated by its files
+    _item(tmp_path, "hf-datasets/imagefolder", "d.arrow", 500, 5, now)
+    os.utime(hf, (now - 86400 * 50, now - 86400 * 50))
+    other = _item(tmp_path, "not-cellhub", "keep.txt", 10_000, 400, now)  # not a cellhub folder: never touched
+
+    entries = cache.cache_entries(tmp_path)
+    assert [e.path for e in entries] == [old, mid, hf, new]
+    assert [e.size for e in entries] == [3000, 2000, 500, 1000]
+
+    removed, failed = cache.prune_cache(tmp_path, older_than_days=7, dry_run=True, now=now)
+    assert [e.path for e in removed] == [old, mid] and not failed and old.exists()
+    removed, _ = cache.prune_cache(tmp_path, max_bytes=1600, now=now)  # oldest first until the rest fits
+    assert [e.path for e in removed] == [old, mid] and not old.exists() and not mid.exists()
+    assert hf.is_dir() and new.exists()
+    removed, _ = cache.prune_cache(tmp_path, clear=True, kinds=["hf-datasets"])
+    assert [e.path for e in removed] == [hf] and not hf.exists() and new.exists()
+    assert other.exists()
+    with pytest.raises(ValueError, match="say what to remove"):
+        cache.prune_cache(tmp_path)
+    with pytest.raises(ValueError, match="unknown cache kind"):
+        cache.prune_cache(tmp_path, clear=True, kinds=["home"])
+
+
+def test_a_cache_hit_marks_the_file_used_and_a_large_cache_is_announced(tmp_path, caplog):
+    path = tmp_path / "groups" / "g.json"
+    cache.cached_json(path, lambda: {"a": 1}, what="groups")
+    os.utime(path, (1_000_000, 1_000_000))
+    assert cache.cached_json(path, lambda: {"a": 2}, what="groups") == {"a": 1}
+    assert path.stat().st_mtime > 1_000_000
+    assert not cache.prune_cache(tmp_path, older_than_days=1)[0]
+    with caplog.at_level("WARNING"):
+        assert cache.warn_if_large(tmp_path, limit=10**9) == path.stat().st_size
+        assert "cellhub cache" not in caplog.text
+        cache.warn_if_large(tmp_path, limit=1)
+    assert "python -m cellhub cache --older-than 30" in caplog.text
+
+
+def test_cache_command_lists_and_frees(tmp_path, capsys):
+    from cellhub.cli import main
+
+    now = __import__("time").time()
+    old = _item(tmp_path, "resized", "a.arrow", 3 * 1024 ** 2, 90, now)
+    new = _item(tmp_path, "smears", "b.json", 1024, 0, now)
+    assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "3.0 MB in 2 item(s)" in out and "resized" in out and "90 days ago" in out and "--older-than" in out
+    assert main(["cache", "--cache-dir", str(tmp_path), "--older-than", "30", "--dry-run"]) == 0
+    assert "would remove 1 item(s), 3.0 MB" in capsys.readouterr().out and old.exists()
+    assert main(["cache", "--cache-dir", str(tmp_path), "--older-than", "30"]) == 0
+    assert "removed 1 item(s)" in capsys.readouterr().out and not old.exists() and new.exists()
+    assert main(["cache", "--cache-dir", str(tmp_path), "--clear", "--kind", "smears"]) == 0
+    assert not new.exists()

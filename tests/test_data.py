@@ -6,6 +6,8 @@ about how load_cell_dataset uses its answer, and run for real once.
 """
 from __future__ import annotations
 
+import os
+
 import io
 import json
 import logging
@@ -317,7 +319,10 @@ def test_cache_resized_decodes_once(tmp_path, monkeypatch):
     assert list(out["label"]) == list(ds["label"])
     # the second call memory-maps the cached file: no image is decoded or resized again
     monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    (arrow,) = (tmp_path / "c" / "resized").glob("*.arrow")
+    os.utime(arrow, (1_000_000, 1_000_000))  # long unused, as upkeep sees it
     again = cache_resized(ds, (20, 30), cache_dir=tmp_path / "c", progress=False)
+    assert arrow.stat().st_mtime > 1_000_000  # a hit marks the file used (cache --older-than keeps it)
     assert np.array_equal(np.asarray(again.with_format("numpy", dtype=np.uint8)[0]["pixels"]), arr)
     assert len(list((tmp_path / "c" / "resized").glob("*.arrow"))) == 1
     with pytest.raises(ValueError, match="size"):

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
-from ..cache import atomic_write_json, default_cache_dir, file_identity, read_json, update_with_files
+from ..cache import (atomic_write_json, default_cache_dir, file_identity, mark_used, read_json, update_with_files,
+                     warn_if_large)
 from .refs import local_files, undecoded
 
 __all__ = ["cache_resized", "pixels_array", "ImageRowDataset", "CACHE_INTERPOLATION"]
@@ -158,8 +159,10 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
             out.append(np.asarray(im, dtype=np.uint8))
         return {"pixels": out}
 
-    if cache_file.exists():
+    hit = cache_file.exists()
+    if hit:
         logger.info("Using resized images cached in %s", cache_file)
+        mark_used(cache_file)
     else:
         logger.info("Decoding %d images once at %dx%d%s into %s", len(ds), h, w,
                     " (cell-centred crops)" if spec else "", cache_file)
@@ -177,6 +180,8 @@ def cache_resized(ds, size: int | Sequence[int], cache_dir: str | os.PathLike | 
     finally:
         if not progress:
             enable_progress_bars()
+    if not hit:
+        warn_if_large(cache_root.parent)
     return out
 
 
