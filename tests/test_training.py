@@ -89,7 +89,8 @@ class _Interrupt(Exception):
 
 
 def test_resume_reaches_the_same_weights(blood, tmp_path, monkeypatch):
-    kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20)
+    # with mixup: its draws depend on (seed, epoch, step) only, so a resumed run blends the same pairs
+    kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20, mixup=0.3)
     cache = tmp_path / "cache"
     # the first training in a process may run other CPU kernels (oneDNN picks them on first use,
     # which changes the last bits): warm up, so that both runs below take the same paths
@@ -207,15 +208,36 @@ def test_loss_drop_leaves_the_largest_losses_of_a_batch_out():
         TrainConfig(dataset="x", loss_drop=0.5).validate()
 
 
+def test_mixup_blends_pairs_of_a_batch_and_mixes_their_losses():
+    import torch.nn.functional as F
+
+    x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
+    mixed, perm, lam = trainer.mixup_batch(x.clone(), 0.2, seed=0, epoch=1, step=5)
+    assert 0.0 < lam < 1.0 and sorted(perm.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+    again, perm2, lam2 = trainer.mixup_batch(x.clone(), 0.2, seed=0, epoch=1, step=5)  # a resumed run draws the same
+    assert lam2 == lam and torch.equal(perm2, perm) and torch.equal(again, mixed)
+    assert trainer.mixup_batch(x.clone(), 0.2, seed=0, epoch=1, step=6)[2] != lam
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    y, y2 = torch.tensor([0, 1, 0]), torch.tensor([1, 1, 0])
+    want = (0.7 * F.cross_entropy(logits, y, reduction="none") + 0.3 * F.cross_entropy(logits, y2, reduction="none"))
+    assert torch.allclose(trainer.batch_loss(logits, y, y2=y2, lam=0.7), want.mean())
+    assert torch.allclose(trainer.batch_loss(logits, y, y2=y2, lam=0.7, drop=0.34), want.sort().values[:2].mean())
+    with pytest.raises(ValueError, match="mixup"):
+        TrainConfig(dataset="x", mixup=-1).validate()
+
+
 def test_the_saved_epoch_is_chosen_from_select_from_epoch_on(blood, tmp_path):
     kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20, save_checkpoints=False)
-    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", select_from_epoch=3, loss_drop=0.1, norm="group", **kw))
+    m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", select_from_epoch=3, loss_drop=0.1, norm="group", mixup=0.2,
+                 **kw))
     assert m["best_epoch"] == 3
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["best"] for h in history] == [False, False, True]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["cellhub"]["recipe"]["select_from_epoch"] == 3
     assert cfg["cellhub"]["recipe"]["loss_drop"] == 0.1  # the recipe records it
+    assert cfg["cellhub"]["recipe"]["mixup"] == 0.2
     assert cfg["cellhub"]["recipe"]["norm"] == "group" and cfg["cellhub"]["norm"] == "group"
     from cellhub.hub import load_pretrained
 

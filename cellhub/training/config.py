@@ -86,6 +86,8 @@ class TrainConfig:
     loss_drop: float = _opt(0.0, "noisy labels: from the second epoch on, leave the largest-loss fraction of each "
                                  "batch out of its loss (e.g. 0.03; the cells whose label the model most "
                                  "disputes, mislabeled ones among them)", "optimisation")
+    mixup: float = _opt(0.0, "mixup: train on blends of two images of a batch, lam ~ Beta(a, a), the loss mixed "
+                             "likewise (e.g. 0.2; 0 = off)", "optimisation")
     output_dir: str = _opt("runs/cellhub", "checkpoint folder (created)", "run")
     resume: bool = _opt(False, "continue from OUTPUT_DIR/last_checkpoint", "run")
     seed: int = _opt(0, "seed of the split, the initialisation and the data order", "optimisation")
@@ -172,6 +174,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if not 0.0 <= self.loss_drop < 0.5:
             raise ValueError(f"loss_drop must be in [0, 0.5), got {self.loss_drop}.")
+        if not 0.0 <= self.mixup <= 10.0:
+            raise ValueError(f"mixup (the Beta distribution's parameter) must be in [0, 10], got {self.mixup}.")
 
     def recipe(self) -> dict[str, Any]:
         """JSON-friendly record of the run's settings (without machine-local paths)."""

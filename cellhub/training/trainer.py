@@ -289,12 +289,25 @@ def _log_start(run: _Run) -> None:
                 f"mixed precision {run.mixed_precision}", run.channels_last)
 
 
+def mixup_batch(x: torch.Tensor, alpha: float, seed: int, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup: ``(lam * x + (1 - lam) * x[perm], perm, lam)``, ``lam ~ Beta(alpha, alpha)`` and the
+    partner permutation drawn from ``(seed, epoch, step)`` alone, so a resumed run draws the same."""
+    rng = np.random.default_rng([seed, epoch, step])
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    return x.mul(lam).add_(x[perm], alpha=1.0 - lam), perm, lam
+
+
 def batch_loss(logits: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0,
-               drop: float = 0.0) -> torch.Tensor:
+               drop: float = 0.0, y2: torch.Tensor | None = None, lam: float = 1.0) -> torch.Tensor:
     """The training loss of one batch: mean cross-entropy, the ``drop`` fraction (rounded, at most
     all but one) of the examples with the largest loss left out (loss truncation against label
-    noise: a mislabeled cell the model already reads right costs the most)."""
+    noise: a mislabeled cell the model already reads right costs the most). With mixup, each
+    example's loss is ``lam * CE(y) + (1 - lam) * CE(y2)``."""
     per = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
+    if y2 is not None and lam < 1.0:
+        per = lam * per + (1.0 - lam) * F.cross_entropy(logits.float(), y2, label_smoothing=label_smoothing,
+                                                        reduction="none")
     n_drop = min(int(round(drop * len(per))), len(per) - 1)
     if n_drop <= 0:
         return per.mean()
@@ -310,13 +323,17 @@ def _train_epoch(run: _Run, epoch: int, best: dict[str, Any]) -> tuple[dict[str,
     totals = torch.zeros(3, device=acc.device)  # summed loss, correct, seen
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                disable=not (cfg.progress and run.is_main), leave=False)
-    for x, y in bar:
+    for step, (x, y) in enumerate(bar):
+        y2, lam = None, 1.0
+        if cfg.mixup > 0:  # train accuracy is then counted against each blend's first image
+            x, perm, lam = mixup_batch(x, cfg.mixup, cfg.seed, epoch, step * acc.num_processes + acc.process_index)
+            y2 = y[perm]
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with acc.autocast():
             logits = run.model(x)
             loss = batch_loss(logits, y, label_smoothing=cfg.label_smoothing,
-                              drop=cfg.loss_drop if epoch >= 1 else 0.0)
+                              drop=cfg.loss_drop if epoch >= 1 else 0.0, y2=y2, lam=lam)
         acc.backward(loss)
         run.optimizer.step()
         run.scheduler.step()
