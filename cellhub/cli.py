@@ -143,12 +143,13 @@ def _add_predict(subparsers: Any) -> None:
         "predict",
         help="classify images, folders or .zip archives with a checkpoint",
         description="Classify cell images with a checkpoint (Hub id or folder), batched, with "
-        "optional Grad-CAM overlays and a CSV of the results. More checkpoint folders of one task right after "
-        "the first (e.g. the bundled blood-cell pair) classify side by side: each model's label and their "
+        "optional Grad-CAM overlays and a CSV of the results. More checkpoints of one task (folders, or Hub "
+        "ids written hf-hub:org/name) right after the first (e.g. the bundled blood-cell pair) classify side by side: each model's label and their "
         "consensus, flagged uncertain where they disagree. Any number of images: rows are written "
         "to the CSV as they are predicted, and --resume continues an interrupted run.",
     )
-    p.add_argument("checkpoint", help="Hub model id or local checkpoint folder (more folders may follow it)")
+    p.add_argument("checkpoint", help="Hub model id or local checkpoint folder (more may follow it: folders or "
+                                          "hf-hub:org/name)")
     p.add_argument("inputs", nargs="+",
                    help="image files, folders (searched recursively), .zip archives, or .txt files listing "
                         "one of those per line (relative paths from the .txt's folder)")
@@ -212,11 +213,14 @@ def _predictors_and_inputs(args: argparse.Namespace, device: Any) -> tuple[list[
     """``predict``'s models (the checkpoint, and checkpoint folders right after it) and its image inputs."""
     from .predict import Predictor
 
+    def is_model(item: str) -> bool:  # a Hub model only with its prefix: `org/name` may be a folder of images
+        return item.startswith("hf-hub:") or _is_checkpoint_dir(Path(item))
+
     checkpoints, inputs = [args.checkpoint], list(args.inputs)
-    while inputs and _is_checkpoint_dir(Path(inputs[0])):  # `predict CKPT_A CKPT_B images/`: models side by side
+    while inputs and is_model(inputs[0]):  # `predict CKPT_A CKPT_B images/`: models side by side
         checkpoints.append(inputs.pop(0))
     for item in inputs:  # a checkpoint among the images would have its plots and JSON read as images
-        if _is_checkpoint_dir(Path(item)):
+        if is_model(item):
             raise SystemExit(f"{item} is a checkpoint folder, not images: give every checkpoint first, then the "
                              "images (predict CKPT [CKPT ...] IMAGES...)")
     if not inputs:

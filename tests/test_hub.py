@@ -529,3 +529,32 @@ def test_card_headline_is_the_cross_validation_not_the_split_the_epoch_was_chose
     folder1 = save_pretrained(model, tmp_path / "run1", metrics=one)
     (only,) = metadata_load(folder1 / "README.md")["model-index"][0]["results"]
     assert "config" not in only["dataset"] and {x["type"]: x["value"] for x in only["metrics"]}["accuracy"] == 0.9333
+
+
+def test_predict_takes_a_second_model_from_the_hf_cache_by_its_prefixed_id(tmp_path, offline_cache, capsys, caplog):
+    """`predict FOLDER hf-hub:org/name images/`: the Hub model classifies beside the folder's; a bare
+    `org/name` stays an input (it could be a folder of images) and is reported missing, not loaded."""
+    import csv
+
+    from cellhub.cli import main
+
+    torch.manual_seed(0)
+    a = save_pretrained(create_model("smallcnn", "malaria", pretrained=False, image_size=SIZE), tmp_path / "a")
+    torch.manual_seed(1)
+    b = save_pretrained(create_model("smallcnn", "malaria", pretrained=False, image_size=SIZE), tmp_path / "b")
+    _make_cache_repo(offline_cache, "acme/cells", b)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        _image(seed=i).save(images / f"c{i}.png")
+    out = tmp_path / "o.csv"
+    assert main(["predict", str(a), "hf-hub:acme/cells", str(images), "--csv", str(out), "--no-cell-check"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 3 and all(r["agreement"] in ("2/2", "1/2") for r in rows)
+    assert [k for k in rows[0] if k.endswith(" label")] == ["a label", "hf-hub:acme/cells label"]
+    capsys.readouterr()
+    out.unlink()
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(a), "acme/cells", str(images), "--csv", str(out), "--no-cell-check"]) == 0
+    assert [k for k in next(csv.DictReader(out.open())) if k.endswith(" label")] == ["a label"]
+    assert "skipped cells: no such file" in caplog.text
