@@ -380,12 +380,30 @@ def rerun_single(state: AppState, image: str | None, task: str) -> list[Any]:
     return predict_single(state, image, task)
 
 
+def adapted_for_batch(predictors: list[Predictor], refs: list[Any], limits: Limits) -> tuple[list[Predictor], str]:
+    """The models adapted to the uploaded batch (``cellhub.adapt.adapt_predictors``) and the note saying so."""
+    from cellhub.adapt import adapt_predictors
+
+    try:
+        adapted, report, notes = adapt_predictors(predictors, refs, limits=limits)
+    except ValueError as exc:
+        raise gr.Error(f"Could not adapt the models to this batch: {exc}", print_exception=False) from exc
+    note = (f"**Adapted to this batch**: BatchNorm statistics re-estimated on its {report.n_images} usable image(s) "
+            "(no labels read). This helps most on a lab the models were not trained on, and can cost accuracy on "
+            "one they were; check on labelled images (`python -m cellhub evaluate`) before relying on it.")
+    return adapted, note + "".join(f"\n- {n}" for n in notes)
+
+
 def predict_batch(
-    state: AppState, files: list[str] | str | None, task: str, progress: gr.Progress = gr.Progress()
+    state: AppState, files: list[str] | str | None, task: str, adapt: bool = False,
+    progress: gr.Progress = gr.Progress()
 ) -> list[Any]:
     """``/predict_batch``: [counts markdown, per-image table, CSV path, skipped-files markdown].
 
-    ``progress`` is called as ``progress((done, total), desc=..., unit="images")``.
+    ``adapt``: first fit the models to the batch itself (AdaBN; one lab's crops, at least
+    ``cellhub.adapt.MIN_IMAGES``), then classify with the adapted models; the summary says how
+    many consensus labels that changed. ``progress`` is called as
+    ``progress((done, total), desc=..., unit="images")``.
     """
     predictors = models_for(state, task)
     if isinstance(files, (str, Path)):
@@ -403,7 +421,16 @@ def predict_batch(
     def report(done: int, total: int, message: str) -> None:
         progress((done, total), desc=message, unit="images")
 
+    note = ""
+    if adapt:
+        progress(0.0, desc="adapting the models to this batch")
+        original = predict_files(predictors, refs, limits=state.limits, batch_size=BATCH_SIZE)
+        predictors, note = adapted_for_batch(predictors, refs, state.limits)
     result = predict_files(predictors, refs, limits=state.limits, batch_size=BATCH_SIZE, progress=report)
+    if adapt:
+        before = {f: c.label for f, c in zip(original.files, original.consensus)}
+        changed = sum(before.get(f) != c.label for f, c in zip(result.files, result.consensus))
+        note += f"\n\nAdapting changed the consensus label of {changed} of {len(result.files)} image(s)."
     result.skipped = skipped + result.skipped
     if not result.files:
         raise gr.Error(
@@ -414,7 +441,8 @@ def predict_batch(
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     csv_path = result.write_csv(state.out_dir / f"cellhub-{task}-{stamp}.csv")
     table = {"headers": result.header(), "data": result.rows()}
-    return [counts_markdown(result, task), table, str(csv_path), skipped_markdown(result.skipped)]
+    summary = counts_markdown(result, task) + (f"\n\n{note}" if note else "")
+    return [summary, table, str(csv_path), skipped_markdown(result.skipped)]
 
 
 # ------------------------------------------------------------------------------ whole fields
@@ -582,20 +610,25 @@ def _single_tab(state: AppState) -> tuple[gr.Image, gr.Button, list[gr.component
     return image, run, [consensus_md, result_json, *slots]
 
 
-def _batch_tab() -> tuple[gr.File, gr.Button, list[gr.components.Component]]:
-    """The "Batch" tab's contents: (files input, Classify all button, outputs of ``predict_batch``)."""
+def _batch_tab() -> tuple[gr.File, gr.Checkbox, gr.Button, list[gr.components.Component]]:
+    """The "Batch" tab's contents: (files input, adapt box, Classify all button, outputs of ``predict_batch``)."""
     files = gr.File(
         file_count="multiple",
         file_types=["image", ".zip"],
         label="Cell images, or a .zip of them",
         elem_id="batch-files",
     )
+    adapt = gr.Checkbox(
+        value=False, label="Adapt the models to this batch first (no labels needed)", elem_id="batch-adapt",
+        info="For crops from a lab the models were not trained on: their BatchNorm statistics are re-estimated on "
+             "this batch (at least 64 crops of one lab, of all kinds as they come). It can cost accuracy on the "
+             "labs they were trained on (README, 'Adapt a model to your lab's images').")
     run_batch = gr.Button("Classify all", variant="primary", elem_id="classify-batch")
     batch_summary = gr.Markdown(elem_id="batch-summary")
     batch_table = gr.Dataframe(label="Per-image results", interactive=False, wrap=True, elem_id="batch-table")
     batch_csv = gr.File(label="Download CSV", interactive=False, elem_id="batch-csv")
     batch_skipped = gr.Markdown(elem_id="batch-skipped")
-    return files, run_batch, [batch_summary, batch_table, batch_csv, batch_skipped]
+    return files, adapt, run_batch, [batch_summary, batch_table, batch_csv, batch_skipped]
 
 
 def _fields_tab() -> tuple[gr.File, gr.Button, list[gr.components.Component], gr.Dataframe, list[Any]]:
@@ -638,7 +671,7 @@ def build_app(
     without a second copy. ``delete_cache`` is Gradio's own age-based sweep (every, older than; s).
 
     API (``gradio_client``): ``/predict`` (image file, task name), ``/predict_batch`` (list of
-    image files or a .zip, task name) and ``/analyze_field`` (list of field photos or a .zip, task name).
+    image files or a .zip, task name, and optionally adapt: bool) and ``/analyze_field`` (list of field photos or a .zip, task name).
     """
     state = make_state(models, failures=failures, limits=limits, out_dir=out_dir)
     by_task, tasks = state.by_task, state.tasks
@@ -660,7 +693,7 @@ def build_app(
         with gr.Tab("Single image"):
             image, run, single_outputs = _single_tab(state)
         with gr.Tab("Batch"):
-            files, run_batch, batch_outputs = _batch_tab()
+            files, adapt, run_batch, batch_outputs = _batch_tab()
         with gr.Tab("Whole field"):
             field_files, run_fields, field_outputs, field_table, (session, cams, cam_note) = _fields_tab()
 
@@ -670,7 +703,7 @@ def build_app(
         task.change(_bind(show_slots, state), [task], single_outputs, api_visibility="private").then(
             _bind(rerun_single, state), [image, task], single_outputs, api_visibility="private"
         )
-        run_batch.click(_bind(predict_batch, state), [files, task], batch_outputs, api_name="predict_batch")
+        run_batch.click(_bind(predict_batch, state), [files, task, adapt], batch_outputs, api_name="predict_batch")
         run_fields.click(_bind(analyze_field_upload, state), [field_files, task], field_outputs,
                          api_name="analyze_field")
         field_table.select(_bind(field_cell_cam, state), [session], [cams, cam_note], api_visibility="private")

@@ -30,9 +30,10 @@ from .batch import decode_files
 from .evaluation import batchnorm_layers, reestimate_batchnorm
 from .hub import load_pretrained, save_pretrained
 from .images import ImageRef, InputError, Limits, collect_images
+from .predict import Predictor
 from .transforms import eval_transform, resolve_data_config
 
-__all__ = ["MIN_IMAGES", "AdaptReport", "adapt_to_images", "run_adapt", "describe"]
+__all__ = ["MIN_IMAGES", "AdaptReport", "adapt_to_images", "adapt_predictors", "run_adapt", "describe"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,50 @@ def adapt_to_images(
             if report.skipped else ""
         raise ValueError(f"No usable cell images to adapt to{why}.") from exc
     return report
+
+
+def adapt_predictors(
+    predictors: Sequence[Predictor],
+    refs: Sequence[ImageRef],
+    *,
+    min_images: int = MIN_IMAGES,
+    limits: Limits | None = None,
+    check_cells: bool = True,
+    seed: int = 0,
+) -> tuple[list[Predictor], AdaptReport, list[str]]:
+    """Each predictor adapted to the images of ``refs`` (the app's "adapt to this batch"):
+    ``(predictors, report, notes)``.
+
+    A predictor with BatchNorm is reloaded from its checkpoint (``Predictor.source``: the
+    predictor's own model is fused for inference), re-estimated on the images and wrapped again,
+    named ``"<name> (adapted)"``; one without (GroupNorm, an SVM baseline) is kept as it is, with
+    a note. Raises ``ValueError`` when fewer than ``min_images`` images are usable; nothing is
+    changed then. The images are read once per adapted model.
+    """
+    out: list[Predictor] = []
+    notes: list[str] = []
+    report = AdaptReport()
+    for p in predictors:
+        model = load_pretrained(p.source, device="cpu") if p.source else None
+        if model is None or type(model).__name__ == "SVMClassifier" or not batchnorm_layers(model):
+            why = "its checkpoint is not known" if model is None else "it has no BatchNorm statistics to adapt"
+            notes.append(f"{p.name}: used as it is ({why})")
+            out.append(p)
+            continue
+        report = adapt_to_images(model, refs, limits=limits, check_cells=check_cells, seed=seed)
+        if report.n_images < min_images:
+            raise ValueError(f"Only {report.n_images} of the {len(refs)} images are usable cell crops "
+                             f"({len(report.skipped)} skipped); adapting needs at least {min_images} from one lab. "
+                             "Nothing was adapted.")
+        cfg = dict(model.cellhub_config)
+        cfg["adaptation"] = {"method": "BatchNorm statistics re-estimated on unlabelled images (AdaBN)",
+                             "from": p.source, "images": report.n_images, "seed": seed}
+        model.cellhub_config = cfg
+        adapted = Predictor(model, name=f"{p.name} (adapted)", device=p.device, batch_size=p.batch_size,
+                            cam_method=p.cam_method)
+        adapted.source = p.source
+        out.append(adapted)
+    return out, report, notes
 
 
 def _check_out(out: Path, checkpoint: str, overwrite: bool) -> None:

@@ -140,6 +140,9 @@ class Predictor:
         self.data_config = resolve_data_config(model)
         self.transform = eval_transform(self.data_config)
         self.supports_cam = _supports_cam(model)
+        #: the checkpoint (folder or Hub id) it was loaded from, when known: a fresh, unfused copy of the
+        #: model can be loaded from it (``adapt.adapt_predictors``)
+        self.source: str | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -157,7 +160,9 @@ class Predictor:
         if name is None:
             src = str(repo_id_or_dir).rstrip("/\\")
             name = Path(src).name if Path(src).exists() else src
-        return cls(model, name=name, **kwargs)
+        predictor = cls(model, name=name, **kwargs)
+        predictor.source = str(repo_id_or_dir)
+        return predictor
 
     @property
     def architecture(self) -> str:

@@ -148,3 +148,54 @@ def test_adapt_refuses_what_it_cannot_do_and_writes_nothing(lab, tmp_path, capsy
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         run_adapt(str(gn), [folder], tmp_path / "gn-adapted", min_images=8)
     assert not (tmp_path / "gn-adapted").exists()
+
+
+def test_adapt_predictors_reloads_each_checkpoint_adapts_it_and_keeps_the_others(lab, tmp_path):
+    """The app's "adapt to this batch": the predictor's own (fused) model is not touched; a fresh copy from
+    its checkpoint is adapted exactly as `adapt_to_images` adapts one; a GroupNorm model is kept, with a note."""
+    from cellhub.adapt import adapt_predictors
+
+    ckpt, folder = lab
+    torch.manual_seed(1)
+    group = hub.save_pretrained(create_model("smallcnn", "malaria", pretrained=False, image_size=32, norm="group"),
+                                tmp_path / "group")
+    original, grouped = Predictor.from_pretrained(ckpt), Predictor.from_pretrained(group)
+    refs, _ = collect_images([str(folder)])
+    x = original.preprocess([Image.open(f).convert("RGB") for f in sorted(folder.rglob("c*.png"))[:2]])
+    before = original.model(x).detach()
+    adapted, report, notes = adapt_predictors([original, grouped], refs, min_images=30)
+    assert [p.name for p in adapted] == ["ckpt (adapted)", "group"] and adapted[1] is grouped
+    assert report.n_images == 40 and notes == ["group: used as it is (it has no BatchNorm statistics to adapt)"]
+    assert adapted[0].config["adaptation"]["images"] == 40 and "adaptation" not in original.config
+    torch.testing.assert_close(original.model(x).detach(), before)  # the loaded predictor is unchanged
+    ref = hub.load_pretrained(ckpt)
+    adapt_to_images(ref, refs)
+    torch.testing.assert_close(adapted[0].model(x).detach(), Predictor(ref).model(x).detach())
+    assert not torch.allclose(adapted[0].model(x).detach(), before)
+    with pytest.raises(ValueError, match="adapting needs at least 64"):
+        adapt_predictors([original], refs)
+    loose = Predictor(hub.load_pretrained(ckpt))  # built from a model, not a checkpoint: nothing to reload
+    assert adapt_predictors([loose], refs, min_images=30)[2] == [
+        f"{loose.name}: used as it is (its checkpoint is not known)"]
+
+
+def test_app_batch_adapts_to_the_upload_and_says_what_changed(lab, tmp_path, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    app = pytest.importorskip("app")
+    ckpt, folder = lab
+    state = app.make_state([Predictor.from_pretrained(ckpt)], out_dir=tmp_path / "out")
+    files = sorted(str(p) for p in folder.rglob("c*.png"))
+    quiet = lambda *a, **k: None  # noqa: E731
+    plain, table0, _, _ = app.predict_batch(state, files, "malaria", progress=quiet)
+    assert "Adapted" not in plain and table0["headers"][1] == "ckpt label"
+    with pytest.raises(gr.Error, match="needs at least 64"):
+        app.predict_batch(state, files, "malaria", True, progress=quiet)
+    import cellhub.adapt as adapt_mod  # a lower floor for the drawn batch of 40
+
+    real = adapt_mod.adapt_predictors
+    monkeypatch.setattr(adapt_mod, "adapt_predictors", lambda ps, refs, **kw: real(ps, refs, **{**kw, "min_images": 30}))
+    summary, table, _, _ = app.predict_batch(state, files, "malaria", True, progress=quiet)
+    assert "**Adapted to this batch**" in summary and "40 usable image(s)" in summary
+    assert table["headers"][1] == "ckpt (adapted) label"
+    changed = sum(a[1] != b[1] for a, b in zip(table0["data"], table["data"]))
+    assert f"changed the consensus label of {changed} of 40 image(s)" in summary
