@@ -73,7 +73,8 @@ def _cache(args: argparse.Namespace) -> int:
 
     root = args.cache_dir or default_cache_dir()
     now = time.time()
-    if args.clear or args.older_than is not None or args.max_size is not None:
+    removing = args.clear or args.older_than is not None or args.max_size is not None
+    if removing:
         try:
             removed, failed = prune_cache(root, kinds=args.kind or None, older_than_days=args.older_than,
                                           max_bytes=None if args.max_size is None else int(args.max_size * 1024 ** 3),
@@ -92,7 +93,7 @@ def _cache(args: argparse.Namespace) -> int:
         if mine:
             print(f"  {kind:12s} {len(mine):5d} item(s) {_size(sum(e.size for e in mine)):>9s}  last used "
                   f"{_age(max(e.last_used for e in mine), now):>13s}  {what}")
-    if entries and not (args.clear or args.older_than is not None or args.max_size is not None):
+    if entries and not removing:
         print("Free space with --older-than DAYS, --max-size GB or --clear (add --kind K to limit it); every item "
               "is rebuilt by the next run that needs it.")
     return 0
