@@ -232,6 +232,8 @@ def prune_cache(root: str | os.PathLike | None = None, *, kinds: Iterable[str] |
     """
     if not (clear or older_than_days is not None or max_bytes is not None):
         raise ValueError("say what to remove: clear=True, older_than_days=N or max_bytes=N")
+    if (older_than_days is not None and older_than_days < 0) or (max_bytes is not None and max_bytes < 0):
+        raise ValueError("older_than_days and max_bytes must be >= 0")
     kinds = list(CACHE_KINDS) if kinds is None else list(kinds)
     unknown = sorted(set(kinds) - set(CACHE_KINDS))
     if unknown:

@@ -96,6 +96,8 @@ def test_prune_cache_removes_least_recently_used_items_of_known_kinds_only(tmp_p
     assert other.exists()
     with pytest.raises(ValueError, match="say what to remove"):
         cache.prune_cache(tmp_path)
+    with pytest.raises(ValueError, match=">= 0"):
+        cache.prune_cache(tmp_path, older_than_days=-1)
     with pytest.raises(ValueError, match="unknown cache kind"):
         cache.prune_cache(tmp_path, clear=True, kinds=["home"])
 
