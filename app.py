@@ -424,8 +424,9 @@ def predict_batch(
     note = ""
     if adapt:
         progress(0.0, desc="adapting the models to this batch")
+        adapted, note = adapted_for_batch(predictors, refs, state.limits)  # refused before any classifying
         original = predict_files(predictors, refs, limits=state.limits, batch_size=BATCH_SIZE)
-        predictors, note = adapted_for_batch(predictors, refs, state.limits)
+        predictors = adapted
     result = predict_files(predictors, refs, limits=state.limits, batch_size=BATCH_SIZE, progress=report)
     if adapt:
         before = {f: c.label for f, c in zip(original.files, original.consensus)}
