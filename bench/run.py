@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "fields": ("bench_fields.py", []),
     "stain-norm": ("bench_stainnorm.py", []),
     "cell-crop": ("bench_cellcrop.py", []),
+    "resync": ("bench_resync.py", []),
 }
 #: benchmarks that accept --data
 TAKES_DATA = {"folder", "train-input", "soak", "groups", "cell-crop"}

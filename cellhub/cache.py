@@ -1,19 +1,25 @@
 """On-disk caches: where they live, how a file set is keyed, and writes that never leave half a file.
 
 Every cellhub cache (image checks, smear matches, groups, resized pixels, CNN features) keys its
-entries by *file identity* — path, size and modification time — so an edited or replaced file is
-never served from a stale entry, and writes go to a temporary file renamed into place, so a
-killed process leaves the previous complete file or the new one, never a torn one.
+entries by *file identity* — path, size and a digest of the file's bytes — so an edited or replaced
+file is never served from a stale entry, while a data set that is copied, re-synced or checked out
+again (new modification times, same bytes) still finds its caches. A file's digest is read once per
+change on disk: it is remembered by (path, size, mtime, ctime, inode) in ``digests/digests.sqlite``.
+Writes go to a temporary file renamed into place, so a killed process leaves the previous complete
+file or the new one, never a torn one.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ from typing import Any
 __all__ = [
     "default_cache_dir",
     "file_identity",
+    "content_digest",
     "update_with_files",
     "files_key",
     "json_default",
@@ -50,24 +57,127 @@ def default_cache_dir(*parts: str) -> Path:
     return root.joinpath(*parts)
 
 
-def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
-    """``(size, mtime_ns)`` of a file, or ``None`` when it cannot be stat'ed."""
-    try:
+class _DigestMemo:
+    """Content digests remembered by file stamp (path, size, mtime_ns, ctime_ns, inode): in memory, and
+    in a SQLite file shared by every process (written in short batches, so parallel trainings do not
+    wait on each other). Any SQLite trouble (read-only home, locked too long) falls back to memory."""
+
+    FLUSH_EVERY = 2000
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.memory: dict[tuple, str] = {}
+        self.pending: list[tuple] = []
+        self.conn: sqlite3.Connection | None = None
+        self.where: tuple[str, int] | None = None  # (db path, pid) the connection belongs to
+        self.broken: set[str] = set()
+        self.flushed = time.monotonic()
+
+    def _db(self) -> sqlite3.Connection | None:
+        path = str(default_cache_dir("digests", "digests.sqlite"))
+        if self.where != (path, os.getpid()):
+            self._flush()
+            self.conn, self.where = None, (path, os.getpid())  # a forked child opens its own
+            if path not in self.broken:
+                try:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute("PRAGMA synchronous=OFF")
+                    conn.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, size INT, mtime_ns INT, ctime_ns INT,"
+                                 " ino INT, digest TEXT, PRIMARY KEY (path, size, mtime_ns, ctime_ns, ino))")
+                    self.conn = conn
+                except (OSError, sqlite3.Error) as exc:
+                    self._give_up(path, exc)
+        return self.conn
+
+    def _give_up(self, path: str, exc: Exception) -> None:
+        logger.warning("File digests are not remembered on disk (%s: %s); files are read again by each run.", path, exc)
+        self.broken.add(path)
+        self.conn = None
+
+    def _flush(self) -> None:
+        self.flushed = time.monotonic()
+        if self.conn is None or not self.pending:
+            self.pending.clear()
+            return
+        try:
+            with self.conn:
+                self.conn.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", self.pending)
+        except sqlite3.Error as exc:
+            self._give_up(self.where[0] if self.where else "?", exc)
+        self.pending.clear()
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.where is not None and self.where[1] == os.getpid():
+                self._flush()
+
+    def get(self, path: str | os.PathLike) -> str:
         st = os.stat(path)
+        stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        with self.lock:
+            hit = self.memory.get(stamp)
+            if hit is not None:
+                return hit
+            conn = self._db()
+            if conn is not None:
+                try:
+                    row = conn.execute("SELECT digest FROM digests WHERE path=? AND size=? AND mtime_ns=? AND ctime_ns=?"
+                                       " AND ino=?", stamp).fetchone()
+                except sqlite3.Error as exc:
+                    self._give_up(self.where[0] if self.where else "?", exc)
+                    row = None
+                if row is not None:
+                    self.memory[stamp] = row[0]
+                    return row[0]
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        with self.lock:
+            self.memory[stamp] = digest
+            if self.conn is not None:
+                self.pending.append((*stamp, digest))
+                if len(self.pending) >= self.FLUSH_EVERY or time.monotonic() - self.flushed > 5:
+                    self._flush()
+        return digest
+
+
+_DIGESTS = _DigestMemo()
+atexit.register(_DIGESTS.flush)
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """A hex digest of the file's bytes (BLAKE2b, 128 bits), read once per change of the file on disk.
+
+    Raises ``OSError`` when the file cannot be stat'ed or read.
+    """
+    return _DIGESTS.get(path)
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, str] | None:
+    """``(size, content digest)`` of a file, or ``None`` when it cannot be read.
+
+    The same bytes give the same identity wherever and whenever the file was written: a re-synced or
+    copied data set keeps its cache entries; an edited one does not."""
+    try:
+        return os.stat(path).st_size, content_digest(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
 
 
 def update_with_files(h: Any, paths: Iterable[str | os.PathLike], *, resolve: bool = False) -> Any:
-    """Feed ``path|size|mtime_ns;`` of every path into the hash object ``h`` (in the order given).
+    """Feed ``path|size|digest;`` of every path into the hash object ``h`` (in the order given).
 
     Raises ``OSError`` for a path that does not exist (a key over missing files means nothing).
     """
     for p in paths:
         name = str(Path(p).resolve()) if resolve else str(p)
-        st = os.stat(p)
-        h.update(f"{name}|{st.st_size}|{st.st_mtime_ns};".encode())
+        size = os.stat(p).st_size
+        h.update(f"{name}|{size}|{content_digest(p)};".encode())
+    _DIGESTS.flush()
     return h
 
 
@@ -173,6 +283,7 @@ CACHE_KINDS = {
     "smears": "crop-to-field matches of the Kaggle crops",
     "features": "CNN features for the SVM baseline",
     "weights": "ImageNet weights converted from an installed package",
+    "digests": "digests of data files' bytes, so a copied or re-synced data set finds its caches",
 }
 #: ``warn_if_large`` speaks above this many bytes
 WARN_BYTES = 10 * 1024 ** 3

@@ -130,7 +130,7 @@ def extract_features(
 
 
 def _dataset_identity(ds: Any) -> str | None:
-    """What the rows are: backing Arrow files (+ their size/mtime) and the row selection.
+    """What the rows are: backing Arrow files (+ their size/content digest) and the row selection.
 
     ``datasets`` fingerprints can differ between two loads of the same files, which would
     defeat the cache; the backing files of a ``cache_resized`` split do not.

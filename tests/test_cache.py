@@ -1,6 +1,7 @@
 """cellhub.cache: file-identity keys and atomic writes, shared by data, smears, svm and hub."""
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -17,12 +18,61 @@ def test_files_key_changes_when_a_file_changes(tmp_path):
     assert cache.files_key([a, b]) == k1
     assert cache.files_key([b, a]) != k1  # the list's order is part of the key
     b.write_text("yy")  # size changes
-    assert cache.files_key([a, b]) != k1
-    st = a.stat()
-    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    k2 = cache.files_key([a, b])
+    assert k2 != k1
+    b.write_text("yz")  # same size, other bytes
+    assert cache.files_key([a, b]) != k2
     assert cache.files_key([a]) != cache.files_key([b])
     with pytest.raises(OSError):
         cache.files_key([tmp_path / "missing"])
+
+
+def test_a_resynced_file_keeps_its_key_and_its_digest_is_read_once(tmp_path, monkeypatch):
+    """New mtimes on the same bytes (a copy, an rsync, a fresh checkout) keep every cache key; the
+    digest is remembered on disk, so a later process does not read the file again."""
+    monkeypatch.setenv("CELLHUB_CACHE", str(tmp_path / "cache"))
+    a = tmp_path / "a.bin"
+    a.write_bytes(bytes(range(256)) * 10)
+    key = cache.files_key([a])
+    ident = cache.file_identity(a)
+    assert ident == (2560, cache.content_digest(a)) and len(ident[1]) == 32
+    st = a.stat()
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: new mtime, same bytes
+    assert cache.files_key([a]) == key and cache.file_identity(a) == ident
+    copy = tmp_path / "copy" / "a.bin"
+    copy.parent.mkdir()
+    copy.write_bytes(a.read_bytes())
+    assert cache.file_identity(copy) == ident  # the same bytes elsewhere: the same identity
+    assert cache.file_identity(tmp_path / "missing") is None
+    assert (tmp_path / "cache" / "digests" / "digests.sqlite").is_file()
+    # another process (a fresh memo) finds the digest on disk and reads no file
+    fresh = cache._DigestMemo()
+    opened = []
+    real_open = open
+
+    def spy(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy)
+    assert fresh.get(a) == ident[1]
+    assert str(a) not in opened
+    a.write_bytes(bytes(range(256)) * 9 + bytes(256))  # edited: same size, other bytes
+    assert fresh.get(a) != ident[1] and str(a) in opened
+
+
+def test_digests_fall_back_to_memory_when_the_cache_cannot_be_written(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CELLHUB_CACHE", str(blocker))  # the cache root is a file: no SQLite there
+    a = tmp_path / "a.txt"
+    a.write_text("abc")
+    memo = cache._DigestMemo()
+    with caplog.at_level("WARNING", logger="cellhub.cache"):
+        d1 = memo.get(a)
+        d2 = memo.get(a)
+    assert d1 == d2 == hashlib.blake2b(b"abc", digest_size=16).hexdigest()
+    assert caplog.text.count("not remembered on disk") == 1  # said once, not per file
 
 
 def test_cached_json_computes_once_and_checks_validity(tmp_path):

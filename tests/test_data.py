@@ -325,6 +325,13 @@ def test_cache_resized_decodes_once(tmp_path, monkeypatch):
     assert arrow.stat().st_mtime > 1_000_000  # a hit marks the file used (cache --older-than keeps it)
     assert np.array_equal(np.asarray(again.with_format("numpy", dtype=np.uint8)[0]["pixels"]), arr)
     assert len(list((tmp_path / "c" / "resized").glob("*.arrow"))) == 1
+    # the data set re-synced (every file's mtime new, the same bytes): still a hit, nothing decoded
+    for f in root.rglob("*.png"):
+        os.utime(f, (2_000_000_000, 2_000_000_000))
+    resynced = cache_resized(load_cell_dataset(root, progress=False)["train"], (20, 30), cache_dir=tmp_path / "c",
+                             progress=False)
+    assert np.array_equal(np.asarray(resynced.with_format("numpy", dtype=np.uint8)[0]["pixels"]), arr)
+    assert len(list((tmp_path / "c" / "resized").glob("*.arrow"))) == 1
     with pytest.raises(ValueError, match="size"):
         cache_resized(ds, (1, 2, 3), cache_dir=tmp_path / "c")
 

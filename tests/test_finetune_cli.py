@@ -157,3 +157,38 @@ def test_dataset_flag_repeats_for_several_sources():
     one = ft.config_from_args(ft.parse_args(["--dataset", "a"]))
     two = ft.config_from_args(ft.parse_args(["--dataset", "a", "--dataset", "b", "--group-by", "file"]))
     assert one.dataset == "a" and two.dataset == ["a", "b"] and two.group_by == "file"
+
+
+def test_cv_folds_run_one_at_a_time_then_resume_pools_them(malaria, tmp_path, monkeypatch, capsys):
+    """--cv-fold I trains exactly the fold --cv would (into OUTPUT_DIR/cv/fold-I); --resume then pools
+    the finished folds without training them again."""
+    mod = _load_script()
+    out = tmp_path / "cv"
+    for i in (1, 2):
+        assert mod.main(_args(malaria, out, "--cv", "2", "--cv-fold", str(i))) == 0
+        assert (out / "cv" / f"fold-{i}" / "holdout.npz").is_file()
+    assert f"fold 2 of 2 saved to {out / 'cv' / 'fold-2'}" in capsys.readouterr().out
+    assert not (out / "cv.json").exists() and not (out / "model.safetensors").exists()
+
+    from cellhub.training import cv as cv_mod
+
+    monkeypatch.setattr(cv_mod, "fit", lambda cfg, **kw: pytest.fail(f"fold trained again: {cfg.output_dir}"))
+    assert mod.main(_args(malaria, out, "--cv", "2", "--cv-only", "--resume")) == 0
+    pooled = json.loads((out / "cv.json").read_text())
+    assert [r["fold"] for r in pooled["folds"]] == [1, 2]
+    assert pooled["n_images"] == 32  # every image (16 per class) held out once
+    held = json.loads((out / "cv" / "fold-1" / "metrics.json").read_text())
+    assert held["split"]["name"] == "holdout" and pooled["folds"][0]["accuracy"] == pytest.approx(held["accuracy"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cv-fold", "1"], "--cv-fold needs --cv"),
+    (["--cv", "3", "--cv-fold", "4"], "between 1 and 3"),
+    (["--cv", "3", "--cv-fold", "0"], "between 1 and 3"),
+    (["--cv", "3", "--cv-fold", "1", "--push-to-hub", "--hub-model-id", "a/b"], "one fold is not a model"),
+])
+def test_cv_fold_errors_at_parse_time(tmp_path, capsys, extra, message):
+    mod = _load_script()
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--dataset", str(tmp_path), *extra])
+    assert message in capsys.readouterr().err

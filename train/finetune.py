@@ -4,6 +4,8 @@
     python train/finetune.py --dataset blood-cells --model resnet18 --epochs 10 --output-dir runs/r18
     python train/finetune.py --dataset ~/kaggle/malaria --model smallcnn --image-size 64 --epochs 8
     python train/finetune.py --dataset ~/kaggle/malaria --cv 5 --output-dir runs/malaria-cv   # grouped 5-fold CV
+    python train/finetune.py ... --cv 5 --cv-fold 2 --output-dir runs/malaria-cv   # one fold (run them side by side),
+    python train/finetune.py ... --cv 5 --resume --output-dir runs/malaria-cv      # then pool them (+ final model)
     accelerate launch train/finetune.py --dataset blood-cells --model resnet50 ...   # several GPUs
 
 A thin command line over :func:`cellhub.training.fit`: grouped validation when the data has none
@@ -16,6 +18,7 @@ card, metrics.json, history.json, curves.png, confusion_matrix.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -36,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_config_arguments(p)
+    groups = add_config_arguments(p)
+    groups["data"].add_argument(
+        "--cv-fold", dest="cv_fold_number", type=int, default=None, metavar="I",
+        help="with --cv K: train fold I only (1..K) into OUTPUT_DIR/cv/fold-I and score its held-out groups. "
+             "Run the folds side by side (processes, or machines sharing OUTPUT_DIR), then the same command "
+             "with --resume instead of --cv-fold pools them (cv.json) and trains the final model (not with --cv-only)")
     h = p.add_argument_group("publishing")
     h.add_argument("--push-to-hub", action="store_true", help="upload the checkpoint when training ends")
     h.add_argument("--hub-model-id", default=None, help="repo id for --push-to-hub, e.g. your-name/cellhub-resnet18")
@@ -59,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except Exception as exc:  # HFValidationError
             parser.error(f"--hub-model-id {args.hub_model_id!r} is not a valid Hub repo id ({exc}); "
                          "use 'your-name/model-name'")
+    if args.cv_fold_number is not None:
+        if not args.cv:
+            parser.error("--cv-fold needs --cv K (the number of folds)")
+        if not 1 <= args.cv_fold_number <= args.cv:
+            parser.error(f"--cv-fold must be between 1 and {args.cv} (--cv), got {args.cv_fold_number}")
+        if args.push_to_hub:
+            parser.error("--push-to-hub with --cv-fold: one fold is not a model to publish; pool the folds with "
+                         "--resume and push the final model")
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -66,7 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return config_from_namespace(args)
+    """The run's config; with ``--cv-fold I``, that fold's (0-based ``cv_fold``, ``OUTPUT_DIR/cv/fold-I``),
+    exactly as ``--cv`` trains it."""
+    cfg = config_from_namespace(args)
+    number = getattr(args, "cv_fold_number", None)
+    if number is None:
+        return cfg
+    from cellhub.training import fold_dir
+
+    return dataclasses.replace(cfg, cv_fold=number - 1, cv_only=False, output_dir=str(fold_dir(cfg.output_dir, number - 1)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         cfg.validate()
-        summary = training.cross_validate(cfg) if cfg.cv else training.fit(cfg)
+        summary = training.cross_validate(cfg) if cfg.cv and cfg.cv_fold is None else training.fit(cfg)
     except (ValueError, FileNotFoundError, DatasetLayoutError, PretrainedWeightsUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -104,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
           f"abstention threshold: {summary['abstention']['threshold']:.3f} "
           f"(keeps {summary['abstention']['coverage']:.0%} of validation at "
           f"{summary['abstention']['selective_accuracy']:.1%} accuracy)")
+    if cfg.cv_fold is not None:
+        print(f"fold {cfg.cv_fold + 1} of {cfg.cv} saved to {Path(cfg.output_dir)}; when every fold is done, the same "
+              "command with --resume instead of --cv-fold pools them")
+        return 0
     print(f"saved to {out}")
     if args.push_to_hub:
         from cellhub.hub import HubError, push_to_hub

@@ -64,7 +64,7 @@ def _crop_tag(spec: dict[str, Any]) -> str:
 def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> list[list[int]]:
     """The cell-centred crop box of every row (:func:`cellhub.transforms.cell_box`), found once per
     image file: boxes are kept in ``cache_root/cellboxes-<spec>.json`` keyed by path, size and
-    mtime, so the folds of a cross-validation (each its own subset) only crop and resize."""
+    content digest, so the folds of a cross-validation (each its own subset) only crop and resize."""
     from tqdm.auto import tqdm
 
     from ..transforms import cell_box
@@ -94,7 +94,7 @@ def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> l
 
 
 def _dataset_key(ds) -> str:
-    """A key that changes when the rows or their files change (path+size+mtime, or the fingerprint)."""
+    """A key that changes when the rows or their files change (path+size+content digest, or the fingerprint)."""
     from datasets import Image
 
     h = hashlib.sha1()

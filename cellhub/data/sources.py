@@ -30,11 +30,11 @@ __all__ = ["load_cell_dataset", "infer_task"]
 
 logger = logging.getLogger(__name__)
 
-_VALIDATION_CACHE_VERSION = 1
+_VALIDATION_CACHE_VERSION = 2  # 2: files known by size and content digest
 
 
 def _validate_files(paths: Sequence[Path], cache_dir: Path | None, progress: bool) -> dict[str, str | None]:
-    """Check every file once (in threads); results are cached by (path, size, mtime)."""
+    """Check every file once (in threads); results are cached by (path, size, content digest)."""
     from tqdm.auto import tqdm
 
     cache_file = None
@@ -44,7 +44,7 @@ def _validate_files(paths: Sequence[Path], cache_dir: Path | None, progress: boo
         cache_file = Path(cache_dir) / "validated" / f"v{_VALIDATION_CACHE_VERSION}-{key}.json"
         cached = read_json(cache_file, {}, warn=False)
     results: dict[str, str | None] = {}
-    todo: list[tuple[str, tuple[int, int]]] = []
+    todo: list[tuple[str, tuple[int, str]]] = []
     for p in paths:
         sp = str(p)
         ident = file_identity(sp)
