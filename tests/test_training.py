@@ -89,12 +89,14 @@ class _Interrupt(Exception):
 
 
 def test_resume_reaches_the_same_weights(blood, tmp_path, monkeypatch):
-    # with mixup: its draws depend on (seed, epoch, step) only, so a resumed run blends the same pairs
-    kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20, mixup=0.3)
+    # with mixup: its draws depend on (seed, epoch, step) only, so a resumed run blends the same pairs;
+    # with a moving average of the weights, saved with the checkpoint and restored
+    kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20, mixup=0.3, ema=0.9,
+              select_from_epoch=3)
     cache = tmp_path / "cache"
     # the first training in a process may run other CPU kernels (oneDNN picks them on first use,
     # which changes the last bits): warm up, so that both runs below take the same paths
-    fit(_cfg(blood, tmp_path / "warm", cache, **dict(kw, epochs=1), save_checkpoints=False))
+    fit(_cfg(blood, tmp_path / "warm", cache, **dict(kw, epochs=1, select_from_epoch=1), save_checkpoints=False))
     full = fit(_cfg(blood, tmp_path / "a", cache, **kw))
 
     real_save = trainer.save_training_state
@@ -115,7 +117,7 @@ def test_resume_reaches_the_same_weights(blood, tmp_path, monkeypatch):
     resumed = fit(_cfg(blood, tmp_path / "b", cache, resume=True, **kw))
 
     for name in ("model.safetensors", f"{CHECKPOINT_DIRNAME}/model.safetensors",
-                 f"{CHECKPOINT_DIRNAME}/optimizer.safetensors"):
+                 f"{CHECKPOINT_DIRNAME}/optimizer.safetensors", f"{CHECKPOINT_DIRNAME}/ema.safetensors"):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
         assert a.keys() == b.keys()
         for k in a:
@@ -125,6 +127,13 @@ def test_resume_reaches_the_same_weights(blood, tmp_path, monkeypatch):
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")} for e in h]  # noqa: E731
     assert strip(ha) == strip(hb)
     assert full["accuracy"] == resumed["accuracy"]
+
+    # the checkpoint is the moving average of the selected (here: the last) epoch, not the raw weights
+    saved = load_file(str(tmp_path / "a" / "model.safetensors"))
+    raw = load_file(str(tmp_path / "a" / CHECKPOINT_DIRNAME / "model.safetensors"))
+    avg = load_file(str(tmp_path / "a" / CHECKPOINT_DIRNAME / "ema.safetensors"))
+    assert full["best_epoch"] == 3 and all(torch.equal(saved[k], avg[f"module.{k}"]) for k in saved)
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved if saved[k].is_floating_point())
 
     # resuming with different settings is refused, naming the setting
     with pytest.raises(ValueError, match="lr was"):
@@ -225,6 +234,9 @@ def test_mixup_blends_pairs_of_a_batch_and_mixes_their_losses():
     assert torch.allclose(trainer.batch_loss(logits, y, y2=y2, lam=0.7, drop=0.34), want.sort().values[:2].mean())
     with pytest.raises(ValueError, match="mixup"):
         TrainConfig(dataset="x", mixup=-1).validate()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ema"):
+            TrainConfig(dataset="x", ema=bad).validate()
 
 
 def test_the_saved_epoch_is_chosen_from_select_from_epoch_on(blood, tmp_path):

@@ -88,6 +88,9 @@ class TrainConfig:
                                  "disputes, mislabeled ones among them)", "optimisation")
     mixup: float = _opt(0.0, "mixup: train on blends of two images of a batch, lam ~ Beta(a, a), the loss mixed "
                              "likewise (e.g. 0.2; 0 = off)", "optimisation")
+    ema: float = _opt(0.0, "exponential moving average of the weights (and BatchNorm statistics), decay per step "
+                           "(e.g. 0.998; 0 = off): every epoch is scored, selected and saved with the averaged "
+                           "weights", "optimisation")
     output_dir: str = _opt("runs/cellhub", "checkpoint folder (created)", "run")
     resume: bool = _opt(False, "continue from OUTPUT_DIR/last_checkpoint", "run")
     seed: int = _opt(0, "seed of the split, the initialisation and the data order", "optimisation")
@@ -174,6 +177,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if not 0.0 <= self.loss_drop < 0.5:
             raise ValueError(f"loss_drop must be in [0, 0.5), got {self.loss_drop}.")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema (the moving average's decay per step) must be in [0, 1), got {self.ema}.")
         if not 0.0 <= self.mixup <= 10.0:
             raise ValueError(f"mixup (the Beta distribution's parameter) must be in [0, 10], got {self.mixup}.")
 

@@ -111,6 +111,7 @@ def save_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     info: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``output_dir/last_checkpoint/`` atomically (temp folder, fsync, rename swap).
 
@@ -133,6 +134,8 @@ def save_training_state(
     files = {"model.safetensors": model_state, "optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors}
     if best_state is not None:
         files["best_model.safetensors"] = best_state
+    if ema_state is not None:  # --ema: the moving average, to resume it exactly
+        files["ema.safetensors"] = ema_state
     digests = {}
     for name, tensors in files.items():
         path = tmp / name

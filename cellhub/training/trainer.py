@@ -77,6 +77,13 @@ class _Run:
     n_workers: int
     #: the registry name of what trains (the checkpoint's with --init-from, else cfg.model)
     model_name: str
+    #: with ``cfg.ema``: the moving average of the weights (``torch.optim.swa_utils.AveragedModel``)
+    ema: Any = None
+
+    @property
+    def scored(self) -> nn.Module:
+        """The weights each epoch is scored, selected and saved with: the average with ``--ema``."""
+        return self.ema.module if self.ema is not None else self.raw_model
 
 
 def _score(m: dict[str, float], metric: str) -> float:
@@ -84,15 +91,17 @@ def _score(m: dict[str, float], metric: str) -> float:
 
 
 @torch.no_grad()
-def _predict_loader(run: _Run, loader: Any) -> tuple[np.ndarray, np.ndarray, float]:
-    """(probabilities, labels, mean loss) over a prepared loader, gathered across processes."""
-    run.model.eval()
+def _predict_loader(run: _Run, loader: Any, *, ema: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """(probabilities, labels, mean loss) over a prepared loader, gathered across processes
+    (``ema``: with the moving average's weights when the run keeps one)."""
+    model = run.ema.module if ema and run.ema is not None else run.model
+    model.eval()
     probs, labels, losses = [], [], []
     for x, y in loader:
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with run.accelerator.autocast():
-            logits = run.model(x)
+            logits = model(x)
         logits = logits.float()
         loss = F.cross_entropy(logits, y, reduction="none")
         logits, y, loss = run.accelerator.gather_for_metrics((logits, y, loss))
@@ -151,13 +160,15 @@ def _fit(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
         if run.is_main and cfg.save_checkpoints:
             save_training_state(
                 cfg.output_dir, model_state=state_dict_cpu(run.raw_model), best_state=best["state"],
-                optimizer=run.optimizer, scheduler=run.scheduler,
+                optimizer=run.optimizer, scheduler=run.scheduler, ema_state=_ema_state(run),
                 info={"epoch": epoch + 1, "history": history, "best_score": best["score"],
                       "best_epoch": best["epoch"], "recipe": cfg.recipe()},
             )
         run.accelerator.wait_for_everyone()
     if best["state"] is not None:
         run.raw_model.load_state_dict(best["state"], strict=True)
+    elif run.ema is not None:  # no epoch was selectable: the average's last weights, as scored
+        run.raw_model.load_state_dict(state_dict_cpu(run.ema.module), strict=True)
     summary = _evaluate_and_save(run, history, best["epoch"], t_start, extra or {})
     run.accelerator.wait_for_everyone()
     return summary
@@ -236,10 +247,16 @@ def _setup(cfg: TrainConfig) -> _Run:
         model = model.to(memory_format=torch.channels_last)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {k: accelerator.prepare_data_loader(v) for k, v in eval_loaders.items()}
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     return _Run(cfg=cfg, accelerator=accelerator, is_main=is_main, channels_last=channels_last, mixed_precision=mp,
                 prepared=prepared, model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer,
                 scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders, groups=groups,
-                image_size=size, n_workers=n_workers, model_name=str(model.cellhub_config["model_name"]))
+                image_size=size, n_workers=n_workers, model_name=str(accelerator.unwrap_model(model).cellhub_config["model_name"]),
+                ema=ema)
 
 
 def _resume(run: _Run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -273,10 +290,20 @@ def _resume(run: _Run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     run.optimizer.load_state_dict(unflatten_optimizer(t["optimizer.safetensors"], state["optimizer"]))
     run.scheduler.load_state_dict(state["scheduler"])
     restore_rng_state(t["rng.safetensors"], state["rng"])
+    if run.ema is not None:
+        if "ema.safetensors" not in t:
+            raise ValueError(f"--resume: the checkpoint in {out_dir} holds no moving average; it was not made with --ema.")
+        run.ema.load_state_dict(t["ema.safetensors"], strict=True)
     history = state["history"][: int(state["epoch"])]
     logger.info("Resumed from %s at epoch %d/%d.", out_dir / CHECKPOINT_DIRNAME, int(state["epoch"]), cfg.epochs)
     return history, {"score": state["best_score"], "epoch": state["best_epoch"],
                      "state": t.get("best_model.safetensors")}
+
+
+def _ema_state(run: _Run) -> dict[str, torch.Tensor] | None:
+    """The moving average's state (its weights and how many steps it has averaged), for resuming."""
+    return None if run.ema is None else {k: v.detach().cpu().clone().contiguous()
+                                         for k, v in run.ema.state_dict().items()}
 
 
 def _log_start(run: _Run) -> None:
@@ -338,6 +365,8 @@ def _train_epoch(run: _Run, epoch: int, best: dict[str, Any]) -> tuple[dict[str,
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update_parameters(run.raw_model)
         with torch.no_grad():
             totals += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
                                    torch.tensor(float(len(y)), device=acc.device)])
@@ -346,7 +375,7 @@ def _train_epoch(run: _Run, epoch: int, best: dict[str, Any]) -> tuple[dict[str,
     bar.close()
     tot = acc.reduce(totals, reduction="sum")
     seconds = time.time() - t0
-    p, yv, vloss = _predict_loader(run, run.eval_loaders["validation"])
+    p, yv, vloss = _predict_loader(run, run.eval_loaders["validation"], ema=True)
     val = _quick_scores(p, yv, vloss)
     rec = {"epoch": epoch + 1, "train_loss": float(tot[0] / tot[2]), "train_accuracy": float(tot[1] / tot[2]),
            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -354,7 +383,7 @@ def _train_epoch(run: _Run, epoch: int, best: dict[str, Any]) -> tuple[dict[str,
            "images_per_second": round(float(tot[2]) / max(seconds, 1e-9), 1)}
     score = _score(val, cfg.select_metric)
     if epoch + 1 >= cfg.select_from_epoch and score > best["score"]:
-        best = {"score": score, "epoch": epoch + 1, "state": state_dict_cpu(run.raw_model)}
+        best = {"score": score, "epoch": epoch + 1, "state": state_dict_cpu(run.scored)}
     rec["best"] = best["epoch"] == epoch + 1
     if run.is_main:
         logger.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f img/s%s",
