@@ -221,7 +221,8 @@ def _predictors_and_inputs(args: argparse.Namespace, device: Any) -> tuple[list[
         checkpoints.append(inputs.pop(0))
     for item in inputs:  # a checkpoint among the images would have its plots and JSON read as images
         if is_model(item):
-            raise SystemExit(f"{item} is a checkpoint folder, not images: give every checkpoint first, then the "
+            what = "a Hub model id" if item.startswith("hf-hub:") else "a checkpoint folder"
+            raise SystemExit(f"{item} is {what}, not images: give every checkpoint first, then the "
                              "images (predict CKPT [CKPT ...] IMAGES...)")
     if not inputs:
         raise SystemExit("no images given after the checkpoint(s)")

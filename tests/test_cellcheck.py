@@ -123,6 +123,8 @@ def test_predict_with_several_checkpoints_gives_each_label_and_the_consensus(che
     out.unlink()
     with pytest.raises(SystemExit, match="is a checkpoint folder, not images: give every checkpoint first"):
         cellhub_main(["predict", str(checkpoint), str(images), str(other), "--csv", str(out)])
+    with pytest.raises(SystemExit, match="hf-hub:org/name is a Hub model id, not images: give every checkpoint first"):
+        cellhub_main(["predict", str(checkpoint), str(images), "hf-hub:org/name", "--csv", str(out)])
     with pytest.raises(SystemExit, match="give distinct checkpoints of one task"):
         cellhub_main(["predict", str(checkpoint), str(checkpoint), str(images), "--csv", str(out)])
     malaria = hub.save_pretrained(create_model("smallcnn", "malaria", pretrained=False, image_size=32),
