@@ -239,6 +239,29 @@ def test_mixup_blends_pairs_of_a_batch_and_mixes_their_losses():
             TrainConfig(dataset="x", ema=bad).validate()
 
 
+def test_ema_copies_first_then_averages_with_a_ramped_decay():
+    m = torch.nn.BatchNorm1d(2)
+    ema = trainer.ema_model(m, 0.998)
+    with torch.no_grad():
+        m.weight.fill_(2.0)
+        m.num_batches_tracked.fill_(5)
+    ema.update_parameters(m)  # the first update copies
+    assert torch.equal(ema.module.weight, m.weight) and int(ema.module.num_batches_tracked) == 5
+    with torch.no_grad():
+        m.weight.fill_(4.0)
+        m.num_batches_tracked.fill_(6)
+    ema.update_parameters(m)  # one update before: decay min(0.998, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.module.weight, torch.full((2,), d * 2.0 + (1 - d) * 4.0))
+    assert int(ema.module.num_batches_tracked) == 6  # integer buffers follow the model
+    for _ in range(5000):  # late in a long run the decay reaches its cap
+        ema.update_parameters(m)
+    with torch.no_grad():
+        m.weight.fill_(5.0)
+    ema.update_parameters(m)
+    assert torch.allclose(ema.module.weight, torch.full((2,), 0.998 * 4.0 + 0.002 * 5.0))
+
+
 def test_the_saved_epoch_is_chosen_from_select_from_epoch_on(blood, tmp_path):
     kw = dict(epochs=3, image_size=16, max_train_samples=48, train_eval_samples=16, n_boot=20, save_checkpoints=False)
     m = fit(_cfg(blood, tmp_path / "run", tmp_path / "cache", select_from_epoch=3, loss_drop=0.1, norm="group", mixup=0.2,

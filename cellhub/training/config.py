@@ -89,8 +89,8 @@ class TrainConfig:
     mixup: float = _opt(0.0, "mixup: train on blends of two images of a batch, lam ~ Beta(a, a), the loss mixed "
                              "likewise (e.g. 0.2; 0 = off)", "optimisation")
     ema: float = _opt(0.0, "exponential moving average of the weights (and BatchNorm statistics), decay per step "
-                           "(e.g. 0.998; 0 = off): every epoch is scored, selected and saved with the averaged "
-                           "weights", "optimisation")
+                           "(e.g. 0.998; 0 = off), ramped up from the first steps as min(D, (1+t)/(10+t)): "
+                           "every epoch is scored, selected and saved with the averaged weights", "optimisation")
     output_dir: str = _opt("runs/cellhub", "checkpoint folder (created)", "run")
     resume: bool = _opt(False, "continue from OUTPUT_DIR/last_checkpoint", "run")
     seed: int = _opt(0, "seed of the split, the initialisation and the data order", "optimisation")

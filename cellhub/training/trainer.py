@@ -247,11 +247,7 @@ def _setup(cfg: TrainConfig) -> _Run:
         model = model.to(memory_format=torch.channels_last)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {k: accelerator.prepare_data_loader(v) for k, v in eval_loaders.items()}
-    ema = None
-    if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    ema = ema_model(accelerator.unwrap_model(model), cfg.ema) if cfg.ema else None
     return _Run(cfg=cfg, accelerator=accelerator, is_main=is_main, channels_last=channels_last, mixed_precision=mp,
                 prepared=prepared, model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer,
                 scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders, groups=groups,
@@ -298,6 +294,29 @@ def _resume(run: _Run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     logger.info("Resumed from %s at epoch %d/%d.", out_dir / CHECKPOINT_DIRNAME, int(state["epoch"]), cfg.epochs)
     return history, {"score": state["best_score"], "epoch": state["best_epoch"],
                      "state": t.get("best_model.safetensors")}
+
+
+def ema_model(model: nn.Module, decay: float) -> nn.Module:
+    """A moving average of ``model``'s weights and buffers (``torch.optim.swa_utils.AveragedModel``;
+    call ``update_parameters(model)`` after each step). Its first update copies the model; the
+    decay then ramps up as ``min(decay, (1 + t) / (10 + t))`` after t updates (TensorFlow's
+    ``num_updates`` rule), so that the average does not hold on to the first steps' weights: with a
+    fixed decay of 0.998 (136 steps an epoch) about a fifth of the average's weight was still on the
+    first epoch at epoch 7 of 10, and it scored 77% on validation where the raw weights scored 93%.
+    Integer buffers (BatchNorm's batch count) follow the model."""
+    from torch.optim.swa_utils import AveragedModel
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        t = float(n_averaged)
+        d = min(float(decay), (1.0 + t) / (10.0 + t))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, 1.0 - d)
+            else:
+                a.copy_(c)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def _ema_state(run: _Run) -> dict[str, torch.Tensor] | None:
