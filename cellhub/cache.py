@@ -84,8 +84,9 @@ class _DigestMemo:
                     conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
                     conn.execute("PRAGMA journal_mode=WAL")
                     conn.execute("PRAGMA synchronous=OFF")
-                    conn.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, size INT, mtime_ns INT, ctime_ns INT,"
-                                 " ino INT, digest TEXT, PRIMARY KEY (path, size, mtime_ns, ctime_ns, ino))")
+                    # one row per path (its latest stamp): the file stays as large as the set of files seen
+                    conn.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT,"
+                                 " ctime_ns INT, ino INT, digest TEXT)")
                     self.conn = conn
                 except (OSError, sqlite3.Error) as exc:
                     self._give_up(path, exc)
@@ -103,7 +104,7 @@ class _DigestMemo:
             return
         try:
             with self.conn:
-                self.conn.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", self.pending)
+                self.conn.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", self.pending)
         except sqlite3.Error as exc:
             self._give_up(self.where[0] if self.where else "?", exc)
         self.pending.clear()
@@ -123,7 +124,7 @@ class _DigestMemo:
             conn = self._db()
             if conn is not None:
                 try:
-                    row = conn.execute("SELECT digest FROM digests WHERE path=? AND size=? AND mtime_ns=? AND ctime_ns=?"
+                    row = conn.execute("SELECT digest FROM files WHERE path=? AND size=? AND mtime_ns=? AND ctime_ns=?"
                                        " AND ino=?", stamp).fetchone()
                 except sqlite3.Error as exc:
                     self._give_up(self.where[0] if self.where else "?", exc)

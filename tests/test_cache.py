@@ -59,6 +59,11 @@ def test_a_resynced_file_keeps_its_key_and_its_digest_is_read_once(tmp_path, mon
     assert str(a) not in opened
     a.write_bytes(bytes(range(256)) * 9 + bytes(256))  # edited: same size, other bytes
     assert fresh.get(a) != ident[1] and str(a) in opened
+    fresh.flush()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "cache" / "digests" / "digests.sqlite") as db:  # one row per file, not per stamp
+        assert db.execute("SELECT COUNT(*) FROM files WHERE path=?", (str(a),)).fetchone()[0] == 1
 
 
 def test_digests_fall_back_to_memory_when_the_cache_cannot_be_written(tmp_path, monkeypatch, caplog):
