@@ -114,13 +114,14 @@ class _DigestMemo:
             if self.where is not None and self.where[1] == os.getpid():
                 self._flush()
 
-    def get(self, path: str | os.PathLike) -> str:
+    def get(self, path: str | os.PathLike) -> tuple[int, str]:
+        """``(size, digest)``; raises ``OSError`` when the file cannot be stat'ed or read."""
         st = os.stat(path)
         stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         with self.lock:
             hit = self.memory.get(stamp)
             if hit is not None:
-                return hit
+                return st.st_size, hit
             conn = self._db()
             if conn is not None:
                 try:
@@ -131,7 +132,7 @@ class _DigestMemo:
                     row = None
                 if row is not None:
                     self.memory[stamp] = row[0]
-                    return row[0]
+                    return st.st_size, row[0]
         h = hashlib.blake2b(digest_size=16)
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -143,7 +144,7 @@ class _DigestMemo:
                 self.pending.append((*stamp, digest))
                 if len(self.pending) >= self.FLUSH_EVERY or time.monotonic() - self.flushed > 5:
                     self._flush()
-        return digest
+        return st.st_size, digest
 
 
 _DIGESTS = _DigestMemo()
@@ -155,7 +156,7 @@ def content_digest(path: str | os.PathLike) -> str:
 
     Raises ``OSError`` when the file cannot be stat'ed or read.
     """
-    return _DIGESTS.get(path)
+    return _DIGESTS.get(path)[1]
 
 
 def file_identity(path: str | os.PathLike) -> tuple[int, str] | None:
@@ -164,7 +165,7 @@ def file_identity(path: str | os.PathLike) -> tuple[int, str] | None:
     The same bytes give the same identity wherever and whenever the file was written: a re-synced or
     copied data set keeps its cache entries; an edited one does not."""
     try:
-        return os.stat(path).st_size, content_digest(path)
+        return _DIGESTS.get(path)
     except OSError:
         return None
 
@@ -176,8 +177,8 @@ def update_with_files(h: Any, paths: Iterable[str | os.PathLike], *, resolve: bo
     """
     for p in paths:
         name = str(Path(p).resolve()) if resolve else str(p)
-        size = os.stat(p).st_size
-        h.update(f"{name}|{size}|{content_digest(p)};".encode())
+        size, digest = _DIGESTS.get(p)
+        h.update(f"{name}|{size}|{digest};".encode())
     _DIGESTS.flush()
     return h
 

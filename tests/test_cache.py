@@ -55,10 +55,10 @@ def test_a_resynced_file_keeps_its_key_and_its_digest_is_read_once(tmp_path, mon
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", spy)
-    assert fresh.get(a) == ident[1]
+    assert fresh.get(a) == ident
     assert str(a) not in opened
     a.write_bytes(bytes(range(256)) * 9 + bytes(256))  # edited: same size, other bytes
-    assert fresh.get(a) != ident[1] and str(a) in opened
+    assert fresh.get(a) != ident and str(a) in opened
     fresh.flush()
     import sqlite3
 
@@ -76,7 +76,7 @@ def test_digests_fall_back_to_memory_when_the_cache_cannot_be_written(tmp_path, 
     with caplog.at_level("WARNING", logger="cellhub.cache"):
         d1 = memo.get(a)
         d2 = memo.get(a)
-    assert d1 == d2 == hashlib.blake2b(b"abc", digest_size=16).hexdigest()
+    assert d1 == d2 == (3, hashlib.blake2b(b"abc", digest_size=16).hexdigest())
     assert caplog.text.count("not remembered on disk") == 1  # said once, not per file
 
 

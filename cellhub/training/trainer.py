@@ -160,7 +160,7 @@ def _fit(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
         if run.is_main and cfg.save_checkpoints:
             save_training_state(
                 cfg.output_dir, model_state=state_dict_cpu(run.raw_model), best_state=best["state"],
-                optimizer=run.optimizer, scheduler=run.scheduler, ema_state=_ema_state(run),
+                optimizer=run.optimizer, scheduler=run.scheduler, ema_state=state_dict_cpu(run.ema) if run.ema is not None else None,
                 info={"epoch": epoch + 1, "history": history, "best_score": best["score"],
                       "best_epoch": best["epoch"], "recipe": cfg.recipe()},
             )
@@ -168,7 +168,7 @@ def _fit(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
     if best["state"] is not None:
         run.raw_model.load_state_dict(best["state"], strict=True)
     elif run.ema is not None:  # no epoch was selectable: the average's last weights, as scored
-        run.raw_model.load_state_dict(state_dict_cpu(run.ema.module), strict=True)
+        run.raw_model.load_state_dict(state_dict_cpu(run.scored), strict=True)
     summary = _evaluate_and_save(run, history, best["epoch"], t_start, extra or {})
     run.accelerator.wait_for_everyone()
     return summary
@@ -317,12 +317,6 @@ def ema_model(model: nn.Module, decay: float) -> nn.Module:
                 a.copy_(c)
 
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
-
-
-def _ema_state(run: _Run) -> dict[str, torch.Tensor] | None:
-    """The moving average's state (its weights and how many steps it has averaged), for resuming."""
-    return None if run.ema is None else {k: v.detach().cpu().clone().contiguous()
-                                         for k, v in run.ema.state_dict().items()}
 
 
 def _log_start(run: _Run) -> None:
