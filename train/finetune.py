@@ -18,7 +18,6 @@ card, metrics.json, history.json, curves.png, confusion_matrix.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -88,9 +87,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     number = getattr(args, "cv_fold_number", None)
     if number is None:
         return cfg
-    from cellhub.training import fold_dir
+    from cellhub.training import fold_config
 
-    return dataclasses.replace(cfg, cv_fold=number - 1, cv_only=False, output_dir=str(fold_dir(cfg.output_dir, number - 1)))
+    return fold_config(cfg, number - 1)
 
 
 def main(argv: list[str] | None = None) -> int:

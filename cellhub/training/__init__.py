@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from .config import TrainConfig, add_config_arguments, config_from_namespace
 from .trainer import fit
-from .cv import cross_validate, fold_dir, format_cv_table
+from .cv import cross_validate, fold_config, format_cv_table
 from .state import CHECKPOINT_DIRNAME, load_training_state
 from .svm_baseline import train_svm_baseline
 
 __all__ = ["TrainConfig", "fit", "load_training_state", "CHECKPOINT_DIRNAME", "train_svm_baseline",
-           "add_config_arguments", "config_from_namespace", "cross_validate", "fold_dir", "format_cv_table"]
+           "add_config_arguments", "config_from_namespace", "cross_validate", "fold_config", "format_cv_table"]
 

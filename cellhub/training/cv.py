@@ -23,7 +23,7 @@ from .pipeline import evaluate_splits
 from .state import load_holdout
 from .trainer import fit
 
-__all__ = ["cross_validate", "fold_dir", "format_cv_table", "CV_FILENAME", "CV_METRICS"]
+__all__ = ["cross_validate", "fold_dir", "fold_config", "format_cv_table", "CV_FILENAME", "CV_METRICS"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,13 @@ CV_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
 def fold_dir(output_dir: str | Path, fold: int) -> Path:
     """Where fold ``fold`` (0-based) of a ``--cv`` run lives."""
     return Path(output_dir) / "cv" / f"fold-{fold + 1}"
+
+
+def fold_config(cfg: TrainConfig, fold: int) -> TrainConfig:
+    """The config of fold ``fold`` (0-based) of ``cfg``'s cross-validation: what ``cross_validate``
+    trains there, and what ``finetune.py --cv-fold`` trains alone."""
+    return dataclasses.replace(cfg, cv_fold=fold, cv_only=False, output_dir=str(fold_dir(cfg.output_dir, fold)),
+                               notes=list(cfg.notes))
 
 
 def _fold_row(fold: int, m: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +90,7 @@ def cross_validate(cfg: TrainConfig) -> dict[str, Any]:
         done = _fold_done(path) if cfg.resume else None
         if done is None:
             logger.info("cross-validation: fold %d of %d -> %s", i + 1, k, path)
-            fcfg = dataclasses.replace(cfg, cv_fold=i, cv_only=False, output_dir=str(path), notes=list(cfg.notes))
-            fit(fcfg)
+            fit(fold_config(cfg, i))
             done = _fold_done(path)
             if done is None:  # pragma: no cover - fit always writes both on the main process
                 raise RuntimeError(f"fold {i + 1} finished without writing {path}/holdout.npz")

@@ -247,12 +247,12 @@ def _setup(cfg: TrainConfig) -> _Run:
         model = model.to(memory_format=torch.channels_last)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {k: accelerator.prepare_data_loader(v) for k, v in eval_loaders.items()}
-    ema = ema_model(accelerator.unwrap_model(model), cfg.ema) if cfg.ema else None
+    raw = accelerator.unwrap_model(model)
     return _Run(cfg=cfg, accelerator=accelerator, is_main=is_main, channels_last=channels_last, mixed_precision=mp,
-                prepared=prepared, model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer,
+                prepared=prepared, model=model, raw_model=raw, optimizer=optimizer,
                 scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders, groups=groups,
-                image_size=size, n_workers=n_workers, model_name=str(accelerator.unwrap_model(model).cellhub_config["model_name"]),
-                ema=ema)
+                image_size=size, n_workers=n_workers, model_name=str(raw.cellhub_config["model_name"]),
+                ema=ema_model(raw, cfg.ema) if cfg.ema else None)
 
 
 def _resume(run: _Run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
