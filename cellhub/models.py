@@ -69,6 +69,8 @@ class PretrainedWeightsUnavailable(RuntimeError):
 #: own statistics, the same in training and prediction; the normalisation the cross-lab benchmark
 #: of Tsutsui et al. 2023 found to generalise best)
 SMALLCNN_NORMS: tuple[str, ...] = ("batch", "group")
+#: conv blocks per stage of the small CNN unless ``depths`` says otherwise (``--depths``)
+SMALLCNN_DEPTHS: tuple[int, ...] = (1, 1, 1, 2)
 GROUP_NORM_GROUPS = 8
 
 
@@ -107,7 +109,7 @@ class SmallCNN(
         labels: list[str] | None = None,
         in_chans: int = 3,
         widths: Sequence[int] = (32, 64, 128, 256),
-        depths: Sequence[int] = (1, 1, 1, 2),
+        depths: Sequence[int] = SMALLCNN_DEPTHS,
         drop_rate: float = 0.2,
         image_size: int = 96,
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -308,6 +310,8 @@ class ModelSpec:
     has_pretrained: bool = False
     #: normalisation layers the builder can use (``norm=``); the first is the default
     norms: tuple[str, ...] = ("batch",)
+    #: the default number of conv blocks per stage, where the builder takes ``depths=`` (else None)
+    depths: tuple[int, ...] | None = None
 
 
 MODEL_REGISTRY: dict[str, ModelSpec] = {}
@@ -326,14 +330,14 @@ def available_models() -> tuple[str, ...]:
 
 def _build_smallcnn(*, num_classes: int, pretrained: bool, drop_rate: float, image_size: int,
                     labels: list[str], task: str | None, weights: str | None = None,
-                    norm: str = "batch") -> nn.Module:
+                    norm: str = "batch", depths: Sequence[int] = SMALLCNN_DEPTHS) -> nn.Module:
     if weights:
         raise ValueError("smallcnn has no ImageNet weights to load; drop pretrained_weights (--pretrained-weights).")
     if pretrained:
         # No ImageNet weights exist for the small CNN; it is trained from scratch by design.
         logger.info("smallcnn has no pretrained weights; initialising randomly")
     return SmallCNN(num_classes=num_classes, labels=labels, drop_rate=drop_rate,
-                    image_size=image_size, task=task, norm=norm)
+                    image_size=image_size, task=task, norm=norm, depths=tuple(depths))
 
 
 def _offline_weights(name: str, timm_name: str, model: nn.Module, weights: str | None, error: Exception | None) -> str:
@@ -406,6 +410,7 @@ register_model(ModelSpec(
     gap_linear_head=True,
     cam_layer=lambda m: m.stages[-1],
     norms=SMALLCNN_NORMS,
+    depths=SMALLCNN_DEPTHS,
 ))
 register_model(ModelSpec(
     name="resnet18",
@@ -565,6 +570,30 @@ def check_norm(name: str, norm: str | None) -> None:
                      + (f"; norm {norm!r} is for {', '.join(others)}" if others else "") + ".")
 
 
+def parse_depths(name: str, depths: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """``depths`` ("2,2,2,2" or a sequence) checked against model ``name``; None stays None (its default).
+
+    Raises ``ValueError`` saying what is wrong: a model without stage depths, a count that is not
+    the model's number of stages, or a depth that is not a whole number from 1 to 8.
+    """
+    if depths is None:
+        return None
+    spec = MODEL_REGISTRY.get(str(name).strip().lower())
+    if spec is None or spec.depths is None:
+        takes = [m.name for m in MODEL_REGISTRY.values() if m.depths is not None]
+        raise ValueError(f"depths are not adjustable for {name!r}; they are for {', '.join(takes)}.")
+    parts = [p.strip() for p in depths.split(",")] if isinstance(depths, str) else list(depths)
+    try:
+        values = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        values = ()
+    default = ",".join(str(d) for d in spec.depths)
+    if len(values) != len(spec.depths) or not all(1 <= v <= 8 for v in values):
+        raise ValueError(f"depths {depths!r} for {spec.name}: give {len(spec.depths)} whole numbers from 1 to 8, "
+                         f"comma-separated, one per stage (the default is {default}).")
+    return values
+
+
 def create_model(
     name: str,
     labels: str | Sequence[str],
@@ -575,6 +604,7 @@ def create_model(
     drop_rate: float | None = None,
     pretrained_weights: str | None = None,
     norm: str | None = None,
+    depths: str | Sequence[int] | None = None,
 ) -> nn.Module:
     """Build a registered model for ``labels`` (a task name such as ``"malaria"`` or a list of names).
 
@@ -587,7 +617,8 @@ def create_model(
     ``pretrained_weights`` (a safetensors file or a plain state dict) replaces the download; offline,
     a package that ships the weights is used when installed (see :mod:`cellhub.weights`).
     ``norm`` picks the normalisation layers where the model offers a choice (the small CNN:
-    ``"batch"`` or ``"group"``); None is the model's default.
+    ``"batch"`` or ``"group"``); None is the model's default. ``depths`` sets the number of conv
+    blocks per stage where the model takes it (the small CNN: four stages, default ``1,1,1,2``).
     """
     key = str(name).strip().lower()
     if key not in MODEL_REGISTRY:
@@ -603,7 +634,10 @@ def create_model(
     check_norm(spec.name, norm)
     use_pretrained = (bool(pretrained) and spec.has_pretrained) or bool(pretrained_weights)
 
+    stage_depths = parse_depths(spec.name, depths)
     extra = {"norm": norm} if norm is not None and len(spec.norms) > 1 else {}
+    if stage_depths is not None:
+        extra["depths"] = stage_depths
     model = spec.builder(num_classes=len(label_names), pretrained=use_pretrained, drop_rate=drop,
                          image_size=size, labels=label_names, task=task, weights=pretrained_weights, **extra)
     source = model.__dict__.pop("cellhub_weights_source", None)
@@ -623,6 +657,8 @@ def create_model(
     }
     if len(spec.norms) > 1:
         model.cellhub_config["norm"] = model.norm
+    if spec.depths is not None:
+        model.cellhub_config["depths"] = list(stage_depths or spec.depths)
     if freeze_backbone:
         freeze_backbone_layers(model)
     n_params = sum(p.numel() for p in model.parameters())

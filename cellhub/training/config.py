@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..tasks import GROUP_BY, GROUP_BY_HELP
-from ..models import available_models, check_norm
+from ..models import available_models, check_norm, parse_depths
 from ..transforms import CELL_CROPS, STAIN_NORMS, cell_crop_spec, stain_norm_spec
 
 __all__ = ["TrainConfig", "SELECT_METRICS", "MIXED_PRECISION", "add_config_arguments", "config_from_namespace"]
@@ -77,6 +77,8 @@ class TrainConfig:
     norm: str | None = _opt(None, "normalisation layers of the small CNN: batch (BatchNorm, the default) or group "
                                   "(GroupNorm: each image normalised by its own statistics, in training and "
                                   "prediction alike)", "model", choices=("batch", "group"))
+    depths: str | None = _opt(None, "conv blocks per stage of the small CNN, comma-separated (default 1,1,1,2; "
+                                    "2,2,2,2: a deeper network, about twice the training time)", "model")
     freeze_backbone: bool = _opt(False, "train only the classifier head", "model")
     init_from: str | None = _opt(None, "start from this cellhub checkpoint (folder or Hub id): its architecture, "
                                        "weights and preprocessing (--image-size changes the size); a new head when "
@@ -169,6 +171,10 @@ class TrainConfig:
             raise ValueError(f"--norm {self.norm} with --init-from: the model keeps its checkpoint's normalisation "
                              "layers; drop --norm.")
         check_norm(self.model, self.norm)
+        if self.depths is not None and self.init_from:
+            raise ValueError(f"--depths {self.depths} with --init-from: the model keeps its checkpoint's "
+                             "architecture; drop --depths.")
+        parse_depths(self.model, self.depths)
         if not 0.0 <= self.stain_jitter <= 1.0:
             raise ValueError(f"stain_jitter must be in [0, 1], got {self.stain_jitter}.")
         if not 0.0 <= self.scale_jitter <= 1.0:

@@ -203,7 +203,7 @@ def model_from_checkpoint(source: str, labels: Sequence[str], *, image_size: int
     size = int(image_size or cc["pretrained_cfg"]["input_size"][-1])
     drop = drop_rate if drop_rate is not None else cc.get("drop_rate")
     model = models.create_model(name, list(labels), pretrained=False, image_size=size, drop_rate=drop,
-                                norm=cc.get("norm"))
+                                norm=cc.get("norm"), depths=cc.get("depths"))
     same = [str(x) for x in cc["labels"]] == [str(x) for x in labels]
     head = _classifier_prefix(model) + "."
     state = {k: v for k, v in old.state_dict().items() if same or not k.startswith(head)}

@@ -201,7 +201,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     else:
         model = models.create_model(cfg.model, prepared.labels, pretrained=cfg.pretrained, image_size=cfg.image_size,
                                     freeze_backbone=cfg.freeze_backbone, drop_rate=cfg.drop_rate,
-                                    pretrained_weights=cfg.pretrained_weights, norm=cfg.norm)
+                                    pretrained_weights=cfg.pretrained_weights, norm=cfg.norm,
+                                    depths=cfg.depths)
     model.cellhub_config["task"] = model.cellhub_config.get("task") or prepared.task
     # training sees the decode-once cache, resampled bilinearly: predict must resize new images so too
     models.set_interpolation(model, data.CACHE_INTERPOLATION)
