@@ -142,6 +142,33 @@ def test_smallcnn_group_norm_needs_no_batch_statistics():
         SmallCNN(num_classes=2, widths=(12, 24), depths=(1, 1), norm="group")
 
 
+def test_smallcnn_depths_build_a_deeper_network_that_reloads(tmp_path):
+    """depths="2,2,2,2": two conv blocks in every stage (5 -> 8 convs), recorded in the checkpoint so
+    that loading it and starting a new training from it rebuild the same network; wrong values and
+    models without stages are refused with the fix named."""
+    from cellhub import hub
+    from cellhub.training.pipeline import model_from_checkpoint
+
+    def convs(m):
+        return sum(isinstance(x, nn.Conv2d) for x in m.modules())
+
+    torch.manual_seed(0)
+    deep = create_model("smallcnn", "malaria", pretrained=False, image_size=TINY, depths="2,2,2,2").eval()
+    assert convs(deep) == 8 and convs(create_model("smallcnn", "malaria", pretrained=False, image_size=TINY)) == 5
+    assert deep.cellhub_config["depths"] == [2, 2, 2, 2]
+    folder = hub.save_pretrained(deep, tmp_path / "deep")
+    loaded = hub.load_pretrained(folder).eval()
+    x = torch.randn(2, 3, TINY, TINY)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), deep(x), atol=1e-6)
+    again = model_from_checkpoint(str(folder), ["a", "b", "c"])
+    assert convs(again) == 8 and again.cellhub_config["depths"] == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="4 whole numbers from 1 to 8.*1,1,1,2"):
+        create_model("smallcnn", "malaria", pretrained=False, depths="2,2")
+    with pytest.raises(ValueError, match="not adjustable for 'resnet18'.*smallcnn"):
+        create_model("resnet18", "malaria", pretrained=False, depths=(1, 1, 1, 1))
+
+
 def test_smallcnn_mixin_round_trip_is_strict(tmp_path):
     torch.manual_seed(0)
     m = create_model("smallcnn", "malaria", pretrained=False, image_size=TINY).eval()

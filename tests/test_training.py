@@ -195,6 +195,11 @@ def test_bad_settings_fail_early():
     with pytest.raises(ValueError, match="--init-from"):
         TrainConfig(dataset="x", norm="group", init_from="some/checkpoint").validate()
     TrainConfig(dataset="x", norm="group").validate()
+    with pytest.raises(ValueError, match="depths 'two'"):
+        TrainConfig(dataset="x", depths="two").validate()
+    with pytest.raises(ValueError, match="--depths 2,2,2,2 with --init-from"):
+        TrainConfig(dataset="x", depths="2,2,2,2", init_from="some/checkpoint").validate()
+    TrainConfig(dataset="x", depths="2,2,2,2").validate()
 
 
 def test_loss_drop_leaves_the_largest_losses_of_a_batch_out():
