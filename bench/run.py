@@ -40,9 +40,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "stain-norm": ("bench_stainnorm.py", []),
     "cell-crop": ("bench_cellcrop.py", []),
     "resync": ("bench_resync.py", []),
+    "adapt": ("bench_adapt.py", []),
 }
 #: benchmarks that accept --data
-TAKES_DATA = {"folder", "train-input", "soak", "groups", "cell-crop"}
+TAKES_DATA = {"folder", "train-input", "soak", "groups", "cell-crop", "adapt"}
 LINE = re.compile(r"^[a-z0-9][a-z0-9-]*: ratio=")
 
 

@@ -15,19 +15,21 @@ normal checkpoint folder (predict, evaluate, the app, timm and transformers load
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import random
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .batch import decode_files
-from .evaluation import batchnorm_layers, reestimate_batchnorm
+from .evaluation import batchnorm_layers, reestimate_batchnorm_many
 from .hub import load_pretrained, save_pretrained
 from .images import ImageRef, InputError, Limits, collect_images
 from .predict import Predictor
@@ -58,7 +60,7 @@ class AdaptReport:
 
 
 def adapt_to_images(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     refs: Sequence[ImageRef],
     *,
     limits: Limits | None = None,
@@ -70,34 +72,43 @@ def adapt_to_images(
 ) -> AdaptReport:
     """Re-estimate ``model``'s BatchNorm statistics on the images of ``refs`` (labels are never read).
 
-    The images go through the model's own eval preprocessing (the nucleus crop included) in a
+    ``model`` may be several models of one task: the images are then read, checked and decoded
+    once, each going through every model's preprocessing. The images go through the model's own
+    eval preprocessing (the nucleus crop included) in a
     seeded shuffled order (a folder sorted by class would otherwise tilt the later layers'
     estimates). Files that cannot be read, and (with ``check_cells``) images that are not
     stained blood-cell crops, are left out and listed in the report: they would pull the
-    statistics away from the cells the model is to classify. Raises ``ValueError`` when the
-    model has no BatchNorm or no image could be used; the model keeps its statistics then.
+    statistics away from the cells the model is to classify. Raises ``ValueError`` when a
+    model has no BatchNorm or no image could be used; every model keeps its statistics then.
     """
-    if not batchnorm_layers(model):
-        raise ValueError(f"{type(model).__name__} has no BatchNorm layer: there are no statistics to adapt "
-                         "(a GroupNorm model normalises each image by itself); use the checkpoint as it is.")
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    for m in models:
+        if not batchnorm_layers(m):
+            raise ValueError(f"{type(m).__name__} has no BatchNorm layer: there are no statistics to adapt "
+                             "(a GroupNorm model normalises each image by itself); use the checkpoint as it is.")
     order = list(refs)
     random.Random(seed).shuffle(order)
-    tf = eval_transform(resolve_data_config(model))
-    task = (getattr(model, "cellhub_config", None) or {}).get("task")
+    # one preprocessing per distinct data config: models that share one share its tensors
+    keys = [json.dumps(resolve_data_config(m), sort_keys=True, default=str) for m in models]
+    distinct = list(dict.fromkeys(keys))
+    tfs = [eval_transform(resolve_data_config(models[keys.index(k)])) for k in distinct]
+    which = [distinct.index(k) for k in keys]
+    task = (getattr(models[0], "cellhub_config", None) or {}).get("task")
     report = AdaptReport()
 
-    def batches() -> Iterator[torch.Tensor]:
-        for chunk in decode_files(order, [tf], limits=limits or Limits(max_images=sys.maxsize),
+    def batches() -> Iterator[list[torch.Tensor]]:
+        for chunk in decode_files(order, tfs, limits=limits or Limits(max_images=sys.maxsize),
                                   check_cells=check_cells, task=task, batch_size=batch_size, workers=workers):
             report.skipped += chunk.skipped
             if chunk.tensors:
                 report.n_images += len(chunk.tensors)
-                yield torch.stack([t[0] for t in chunk.tensors])
+                stacked = [torch.stack([t[k] for t in chunk.tensors]) for k in range(len(tfs))]
+                yield [stacked[k] for k in which]
             if progress is not None:
                 progress(len(chunk.tensors) + len(chunk.skipped))
 
     try:
-        report.n_layers = reestimate_batchnorm(model, batches(), device="cpu")
+        report.n_layers = sum(reestimate_batchnorm_many(models, batches(), device="cpu"))
     except ValueError as exc:
         why = f" ({len(report.skipped)} skipped; first: {report.skipped[0][0]}: {report.skipped[0][1]})" \
             if report.skipped else ""
@@ -121,11 +132,12 @@ def adapt_predictors(
     predictor's own model is fused for inference), re-estimated on the images and wrapped again,
     named ``"<name> (adapted)"``; one without (GroupNorm, an SVM baseline) is kept as it is, with
     a note. Raises ``ValueError`` when fewer than ``min_images`` images are usable; nothing is
-    changed then. The images are read once per adapted model.
+    changed then. The images are read once for all the models of a task.
     """
-    out: list[Predictor] = []
+    out: list[Predictor | None] = []
     notes: list[str] = []
     report = AdaptReport()
+    todo: dict[Any, list[tuple[int, Predictor, nn.Module]]] = {}
     for p in predictors:
         model = load_pretrained(p.source, device="cpu") if p.source else None
         if model is None or type(model).__name__ == "SVMClassifier" or not batchnorm_layers(model):
@@ -133,20 +145,29 @@ def adapt_predictors(
             notes.append(f"{p.name}: used as it is ({why})")
             out.append(p)
             continue
-        report = adapt_to_images(model, refs, limits=limits, check_cells=check_cells, seed=seed)
+        task = (getattr(model, "cellhub_config", None) or {}).get("task")
+        todo.setdefault(task, []).append((len(out), p, model))
+        out.append(None)
+    for group in todo.values():
+        report = adapt_to_images([m for _, _, m in group], refs, limits=limits, check_cells=check_cells, seed=seed)
         if report.n_images < min_images:
             raise ValueError(f"Only {report.n_images} of the {len(refs)} images are usable cell crops "
                              f"({len(report.skipped)} skipped); adapting needs at least {min_images} from one lab. "
                              "Nothing was adapted.")
-        cfg = dict(model.cellhub_config)
-        cfg["adaptation"] = {"method": "BatchNorm statistics re-estimated on unlabelled images (AdaBN)",
-                             "from": p.source, "images": report.n_images, "seed": seed}
-        model.cellhub_config = cfg
-        adapted = Predictor(model, name=f"{p.name} (adapted)", device=p.device, batch_size=p.batch_size,
-                            cam_method=p.cam_method)
-        adapted.source = p.source
-        out.append(adapted)
-    return out, report, notes
+        for i, p, model in group:
+            out[i] = _adapted(p, model, report.n_images, seed)
+    return [p for p in out if p is not None], report, notes
+
+
+def _adapted(p: Predictor, model: nn.Module, n_images: int, seed: int) -> Predictor:
+    cfg = dict(model.cellhub_config)
+    cfg["adaptation"] = {"method": "BatchNorm statistics re-estimated on unlabelled images (AdaBN)",
+                         "from": p.source, "images": n_images, "seed": seed}
+    model.cellhub_config = cfg
+    adapted = Predictor(model, name=f"{p.name} (adapted)", device=p.device, batch_size=p.batch_size,
+                        cam_method=p.cam_method)
+    adapted.source = p.source
+    return adapted
 
 
 def _check_out(out: Path, checkpoint: str, overwrite: bool) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from .images import to_rgb
 from .metrics import classification_metrics, paired_difference
 from .models import resolve_device
 
-__all__ = ["predict_dataset", "batchnorm_layers", "reestimate_batchnorm", "adapt_batchnorm", "evaluate_model", "evaluate", "select_split", "run_evaluate",
+__all__ = ["predict_dataset", "batchnorm_layers", "reestimate_batchnorm", "reestimate_batchnorm_many", "adapt_batchnorm", "evaluate_model", "evaluate", "select_split", "run_evaluate",
            "compare_models"]
 
 logger = logging.getLogger(__name__)
@@ -118,17 +119,49 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _merge_small_tail(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """``batches`` one behind, each one joined with the next when that one is under half its size."""
+def _merge_small_tail(batches: Iterable[Sequence[torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
+    """``batches`` (each a sequence of tensors with one length) one behind, each one joined with the
+    next when that one is under half its size."""
     held = None
     for batch in batches:
-        if held is not None and 2 * len(batch) < len(held):
-            batch, held = torch.cat([held, batch]), None
+        batch = list(batch)
+        if held is not None and 2 * len(batch[0]) < len(held[0]):
+            batch, held = [torch.cat([a, b]) for a, b in zip(held, batch)], None
         if held is not None:
             yield held
         held = batch
     if held is not None:
         yield held
+
+
+@contextmanager
+def _cumulative_statistics(model: nn.Module, device: torch.device, keep: float) -> Iterator[list[int]]:
+    """``model``'s BatchNorm layers reset to average every batch run through it inside the block;
+    on leaving, momenta restored and ``keep`` blended in, or the old statistics back when the
+    counter it yields (images seen) is still 0. The model is left in eval mode."""
+    bns = batchnorm_layers(model)
+    momenta = [bn.momentum for bn in bns]
+    model.eval().to(device)
+    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over every batch, not an exponential one
+        bn.train()
+    seen = [0]
+    try:
+        yield seen
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        for bn, (mean, var, n) in zip(bns, saved):
+            if not seen[0]:  # nothing was read: the model keeps the statistics it had
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(n)
+            elif keep:
+                bn.running_mean.mul_(1 - keep).add_(keep * mean)
+                bn.running_var.mul_(1 - keep).add_(keep * var)
+        model.eval()
 
 
 def reestimate_batchnorm(
@@ -150,42 +183,43 @@ def reestimate_batchnorm(
     called with each batch's size. Returns how many layers were re-estimated (0 without BatchNorm,
     and ``batches`` is then not read).
     """
+    return reestimate_batchnorm_many([model], ([b] for b in batches), device=device, progress=progress,
+                                     keep=keep)[0]
+
+
+def reestimate_batchnorm_many(
+    models: Sequence[nn.Module],
+    batches: Iterable[Sequence[torch.Tensor]],
+    device: str | torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+    keep: float = 0.0,
+) -> list[int]:
+    """:func:`reestimate_batchnorm` for several models from one pass over the images: each item of
+    ``batches`` holds one tensor per model (the same images, each in its model's preprocessing).
+    Returns each model's count of re-estimated layers; raises ``ValueError`` (every model keeping
+    its statistics) when no image came."""
     if not 0.0 <= keep < 1.0:
         raise ValueError(f"keep must be in [0, 1), got {keep}")
-    bns = batchnorm_layers(model)
-    if not bns:
-        return 0
+    active = [i for i, m in enumerate(models) if batchnorm_layers(m)]
+    counts = [len(batchnorm_layers(m)) for m in models]
+    if not active:
+        return counts
     device = resolve_device(device)
-    momenta = [bn.momentum for bn in bns]
-    model.eval().to(device)
-    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over every batch, not an exponential one
-        bn.train()
     seen = 0
-    try:
+    with ExitStack() as stack:
+        counters = [stack.enter_context(_cumulative_statistics(models[i], device, keep)) for i in active]
         with torch.no_grad():
             for batch in _merge_small_tail(batches):
-                model(batch.to(device))
-                seen += len(batch)
+                for i in active:
+                    models[i](batch[i].to(device))
+                seen += len(batch[0])
+                for counter in counters:
+                    counter[0] = seen
                 if progress is not None:
-                    progress(len(batch))
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        for bn, (mean, var, n) in zip(bns, saved):
-            if not seen:  # nothing was read: the model keeps the statistics it had
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-                bn.num_batches_tracked.copy_(n)
-            elif keep:
-                bn.running_mean.mul_(1 - keep).add_(keep * mean)
-                bn.running_var.mul_(1 - keep).add_(keep * var)
-        model.eval()
+                    progress(len(batch[0]))
     if not seen:
         raise ValueError("No images to re-estimate the BatchNorm statistics on.")
-    return len(bns)
+    return counts
 
 
 def adapt_batchnorm(

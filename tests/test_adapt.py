@@ -179,6 +179,35 @@ def test_adapt_predictors_reloads_each_checkpoint_adapts_it_and_keeps_the_others
         f"{loose.name}: used as it is (its checkpoint is not known)"]
 
 
+def test_adapt_predictors_reads_the_images_once_for_several_models(lab, tmp_path, monkeypatch):
+    """Two BatchNorm checkpoints of one task with different input sizes: every file is read and
+    checked once (not once per model), and each model ends exactly where adapting it alone puts it."""
+    import cellhub.batch
+    from cellhub.adapt import adapt_predictors
+
+    ckpt, folder = lab
+    torch.manual_seed(2)
+    other = hub.save_pretrained(create_model("smallcnn", "malaria", pretrained=False, image_size=48).eval(),
+                                tmp_path / "other")
+    refs, _ = collect_images([str(folder)])
+    reads = []
+    real = cellhub.batch._read_blobs
+    monkeypatch.setattr(cellhub.batch, "_read_blobs", lambda chunk, limits: reads.extend(chunk) or real(chunk, limits))
+    adapted, report, _ = adapt_predictors([Predictor.from_pretrained(ckpt), Predictor.from_pretrained(other)], refs,
+                                          min_images=30)
+    assert sorted(r.name for r in reads) == sorted(r.name for r in refs)  # each file once, 42 in all
+    assert report.n_images == 40 and len(report.skipped) == 2
+    assert report.n_layers == len(_bns(hub.load_pretrained(ckpt))) + len(_bns(hub.load_pretrained(other))) == 10
+    images = [Image.open(f).convert("RGB") for f in sorted(folder.rglob("c*.png"))[:3]]
+    for p, source in zip(adapted, (ckpt, other)):
+        alone = hub.load_pretrained(source)
+        before = Predictor(hub.load_pretrained(source))
+        adapt_to_images(alone, refs)
+        x = p.preprocess(images)
+        torch.testing.assert_close(p.model(x).detach(), Predictor(alone).model(x).detach())
+        assert not torch.allclose(p.model(x).detach(), before.model(x).detach())
+
+
 def test_app_batch_adapts_to_the_upload_and_says_what_changed(lab, tmp_path, monkeypatch):
     gr = pytest.importorskip("gradio")
     app = pytest.importorskip("app")
