@@ -107,6 +107,19 @@ def test_cell_boxes_are_found_once_per_file_across_subsets(tmp_path, monkeypatch
     img = ds[2]["image"].convert("RGB")
     expected = np.asarray(transforms.cell_crop(img, "nucleus").resize((32, 32), Image.BILINEAR, reducing_gap=3.0))
     assert np.abs(px[1].astype(int) - expected.astype(int)).mean() < 2
+    # a file edited in place gets its box again, and its old box leaves the store (one entry per file)
+    from cellhub.cache import read_json
+
+    store_file = next((tmp_path / "c").rglob("cellboxes-*.json"))
+    assert len(read_json(store_file, {})) == len(ds)
+    edited = Path(ds[0]["image"].filename)
+    Image.open(edited).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(edited)
+    again = load_cell_dataset(str(data), cache_dir=str(tmp_path / "c"), progress=False, group_by="file")["train"]
+    before = len(calls)  # (checking the edited file on loading it may crop it too)
+    cache_resized(again, 32, tmp_path / "c", cell_crop="nucleus", progress=False)
+    assert len(calls) == before + 1  # only the edited file is cropped again
+    store = read_json(store_file, {})
+    assert len(store) == len(ds) and sum(k.startswith(f"{edited}|") for k in store) == 1
 
 
 def test_decode_once_resizes_crops_of_any_side():

@@ -64,7 +64,8 @@ def _crop_tag(spec: dict[str, Any]) -> str:
 def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> list[list[int]]:
     """The cell-centred crop box of every row (:func:`cellhub.transforms.cell_box`), found once per
     image file: boxes are kept in ``cache_root/cellboxes-<spec>.json`` keyed by path, size and
-    content digest, so the folds of a cross-validation (each its own subset) only crop and resize."""
+    content digest, so the folds of a cross-validation (each its own subset) only crop and resize.
+    A file whose bytes changed gets its box again, which replaces the old one in the store."""
     from tqdm.auto import tqdm
 
     from ..transforms import cell_box
@@ -74,6 +75,9 @@ def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> l
     store = store if isinstance(store, dict) else {}
     raw = undecoded(ds)
     boxes, added = [], 0
+    by_path: dict[str, list[str]] = {}  # a file's keys: an edited file's old box goes when its new one comes
+    for k in store:
+        by_path.setdefault(k.rsplit("|", 2)[0], []).append(k)
     for row in tqdm(raw, total=len(raw), desc="finding the cells", unit="img", disable=not progress,
                     mininterval=1.0):
         x = row["image"]
@@ -87,6 +91,8 @@ def _cell_boxes(ds, spec: dict[str, Any], cache_root: Path, progress: bool) -> l
             box = list(cell_box(im.convert("RGB"), spec))
         boxes.append(box)
         if key:
+            for stale in by_path.pop(path, []):
+                store.pop(stale, None)
             store[key], added = box, added + 1
     if added:
         atomic_write_json(store_path, store)
