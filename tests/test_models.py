@@ -157,6 +157,7 @@ def test_smallcnn_depths_build_a_deeper_network_that_reloads(tmp_path):
     assert convs(deep) == 8 and convs(create_model("smallcnn", "malaria", pretrained=False, image_size=TINY)) == 5
     assert deep.cellhub_config["depths"] == [2, 2, 2, 2]
     folder = hub.save_pretrained(deep, tmp_path / "deep")
+    assert "conv-BatchNorm-ReLU stages of 2, 2, 2, 2 blocks" in (folder / "README.md").read_text()
     loaded = hub.load_pretrained(folder).eval()
     x = torch.randn(2, 3, TINY, TINY)
     with torch.no_grad():
