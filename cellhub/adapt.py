@@ -15,20 +15,19 @@ normal checkpoint folder (predict, evaluate, the app, timm and transformers load
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import random
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .batch import decode_files
+from .batch import decode_files, distinct_configs
 from .evaluation import batchnorm_layers, reestimate_batchnorm_many
 from .hub import load_pretrained, save_pretrained
 from .images import ImageRef, InputError, Limits, collect_images
@@ -88,11 +87,8 @@ def adapt_to_images(
                              "(a GroupNorm model normalises each image by itself); use the checkpoint as it is.")
     order = list(refs)
     random.Random(seed).shuffle(order)
-    # one preprocessing per distinct data config: models that share one share its tensors
-    keys = [json.dumps(resolve_data_config(m), sort_keys=True, default=str) for m in models]
-    distinct = list(dict.fromkeys(keys))
-    tfs = [eval_transform(resolve_data_config(models[keys.index(k)])) for k in distinct]
-    which = [distinct.index(k) for k in keys]
+    first, which = distinct_configs([resolve_data_config(m) for m in models])
+    tfs = [eval_transform(resolve_data_config(models[i])) for i in first]
     task = (getattr(models[0], "cellhub_config", None) or {}).get("task")
     report = AdaptReport()
 

@@ -29,7 +29,7 @@ from .images import DEFAULT_LIMITS, ImageRef, InputError, Limits, read_image
 from .predict import Consensus, Prediction, Predictor, consensus
 from .serving import cpu_cores
 
-__all__ = ["BatchResult", "class_counts", "predict_files", "decode_files", "DecodedChunk", "iter_decoded", "ProgressFn",
+__all__ = ["BatchResult", "class_counts", "predict_files", "decode_files", "distinct_configs", "DecodedChunk", "iter_decoded", "ProgressFn",
            "CsvStream", "csv_parts", "done_rows", "merge_csv_parts"]
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,15 @@ def _decoder(transforms: Sequence[Callable[[Image.Image], torch.Tensor]], limits
     return decode
 
 
+def distinct_configs(configs: Sequence[Any]) -> tuple[list[int], list[int]]:
+    """One preprocessing per distinct data config: ``(first, which)``, where ``first[k]`` is the index
+    of the first holder of the k-th distinct config (in order of appearance) and ``which[i]`` the
+    distinct config of ``configs[i]``. Models that share a config share its tensors."""
+    keys = [json.dumps(c, sort_keys=True, default=str) for c in configs]
+    distinct = list(dict.fromkeys(keys))
+    return [keys.index(k) for k in distinct], [distinct.index(k) for k in keys]
+
+
 @dataclass
 class DecodedChunk:
     """One chunk of :func:`decode_files`: the images that decoded, their tensors (one per transform),
@@ -284,11 +293,8 @@ def predict_files(
     total = len(refs)
     if progress:
         progress(0, total, "decoding images")
-    # one preprocessing per distinct data config (models sharing one share the tensors)
-    keys = [json.dumps(p.data_config, sort_keys=True, default=str) for p in predictors]
-    distinct = list(dict.fromkeys(keys))
-    transforms = [predictors[keys.index(k)].transform for k in distinct]
-    which = [distinct.index(k) for k in keys]
+    first, which = distinct_configs([p.data_config for p in predictors])  # models sharing one share the tensors
+    transforms = [predictors[i].transform for i in first]
 
     tasks = {str(p.task) for p in predictors}
     chunks = decode_files(refs, transforms, limits=limits, check_cells=check_cells,

@@ -135,10 +135,10 @@ def _merge_small_tail(batches: Iterable[Sequence[torch.Tensor]]) -> Iterator[lis
 
 
 @contextmanager
-def _cumulative_statistics(model: nn.Module, device: torch.device, keep: float) -> Iterator[list[int]]:
+def _cumulative_statistics(model: nn.Module, device: torch.device, keep: float, seen: list[int]) -> Iterator[None]:
     """``model``'s BatchNorm layers reset to average every batch run through it inside the block;
     on leaving, momenta restored and ``keep`` blended in, or the old statistics back when the
-    counter it yields (images seen) is still 0. The model is left in eval mode."""
+    caller's count of images seen, ``seen[0]``, is still 0. The model is left in eval mode."""
     bns = batchnorm_layers(model)
     momenta = [bn.momentum for bn in bns]
     model.eval().to(device)
@@ -147,9 +147,8 @@ def _cumulative_statistics(model: nn.Module, device: torch.device, keep: float) 
         bn.reset_running_stats()
         bn.momentum = None  # a cumulative average over every batch, not an exponential one
         bn.train()
-    seen = [0]
     try:
-        yield seen
+        yield
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
@@ -200,24 +199,23 @@ def reestimate_batchnorm_many(
     its statistics) when no image came."""
     if not 0.0 <= keep < 1.0:
         raise ValueError(f"keep must be in [0, 1), got {keep}")
-    active = [i for i, m in enumerate(models) if batchnorm_layers(m)]
     counts = [len(batchnorm_layers(m)) for m in models]
+    active = [i for i, n in enumerate(counts) if n]
     if not active:
         return counts
     device = resolve_device(device)
-    seen = 0
+    seen = [0]
     with ExitStack() as stack:
-        counters = [stack.enter_context(_cumulative_statistics(models[i], device, keep)) for i in active]
+        for i in active:
+            stack.enter_context(_cumulative_statistics(models[i], device, keep, seen))
         with torch.no_grad():
             for batch in _merge_small_tail(batches):
                 for i in active:
                     models[i](batch[i].to(device))
-                seen += len(batch[0])
-                for counter in counters:
-                    counter[0] = seen
+                seen[0] += len(batch[0])
                 if progress is not None:
                     progress(len(batch[0]))
-    if not seen:
+    if not seen[0]:
         raise ValueError("No images to re-estimate the BatchNorm statistics on.")
     return counts
 
