@@ -30,6 +30,7 @@ PAIR = ("checkpoints/smallcnn-blood-cells", "checkpoints/smallcnn-blood-cells-s1
 
 def run(args) -> list[C.Result]:
     import torch
+    from PIL import Image
 
     from cellhub.adapt import adapt_predictors, adapt_to_images
     from cellhub.hub import load_pretrained
@@ -62,8 +63,6 @@ def run(args) -> list[C.Result]:
 
         def once() -> list[torch.nn.Module]:
             return [p.model for p in adapt_predictors(predictors, refs, min_images=1)[0]]
-
-        from PIL import Image
 
         x = predictors[0].preprocess([Image.open(r.path).convert("RGB") for r in refs[:4]])
         with torch.no_grad():

@@ -337,7 +337,7 @@ def _build_smallcnn(*, num_classes: int, pretrained: bool, drop_rate: float, ima
         # No ImageNet weights exist for the small CNN; it is trained from scratch by design.
         logger.info("smallcnn has no pretrained weights; initialising randomly")
     return SmallCNN(num_classes=num_classes, labels=labels, drop_rate=drop_rate,
-                    image_size=image_size, task=task, norm=norm, depths=tuple(depths))
+                    image_size=image_size, task=task, norm=norm, depths=depths)
 
 
 def _offline_weights(name: str, timm_name: str, model: nn.Module, weights: str | None, error: Exception | None) -> str:
