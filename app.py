@@ -679,8 +679,9 @@ def build_app(
     with gr.Blocks(title="cellhub — blood-smear cell classifier", delete_cache=delete_cache) as demo:
         gr.Markdown(
             "# cellhub — blood-smear cell classifier\n"
-            "Classify white blood cells (eosinophil, lymphocyte, monocyte, neutrophil) or malaria-infected "
-            "red cells with every loaded model side by side, each with a Grad-CAM heat map of where it looked.\n\n"
+            "Classify white blood cells (the four types eosinophil, lymphocyte, monocyte, neutrophil, or the "
+            "eight classes of the PBC set) or malaria-infected red cells, from single-cell crops or whole "
+            "microscope fields, with every loaded model side by side, each with a heat map of where it looked.\n\n"
             + DISCLAIMER
         )
         with gr.Accordion("Loaded models", open=not by_task or bool(failures)):

@@ -432,6 +432,10 @@ def _print_fields(result: Any) -> None:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     s = result.summary
     print(f"\n{s['fields']} field(s) analysed, {s['skipped']} skipped")
+    if not s["fields"]:
+        print("nothing to count: no input could be analysed (the reasons are listed above); give field photos "
+              "(files, folders or a .zip) that exist and open as images", file=sys.stderr)
+        return
     if "differential" in s:
         print(f"differential of {s['n_wbc']} white cells (95% Wilson interval):")
         for lab, d in s["differential"].items():

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
 from .detect import DEFAULT_PARAMS, Cell, Detection, DetectParams, detect_cells, field_problem
@@ -36,7 +36,8 @@ from .predict import Prediction, Predictor, consensus
 
 __all__ = [
     "CellResult", "FieldResult", "FieldsResult", "analyze_field", "analyze_fields", "annotate", "result_rows",
-    "wilson_interval", "cells_needed", "wbc_crop", "rbc_crop", "cell_crops", "DEFAULT_HALF_WIDTH", "classified_kind",
+    "wilson_interval", "cells_needed", "planning_proportion", "wbc_crop", "rbc_crop", "cell_crops", "DEFAULT_HALF_WIDTH",
+    "classified_kind",
     "whole_field_problem", "FIELD_CHECK_MIN_SIDE", "FIELD_MIN_CELLS",
 ]
 
@@ -86,10 +87,19 @@ def cells_needed(p: float, half_width: float, z: float = 1.959964) -> int:
     return hi
 
 
+def planning_proportion(k: int, n: int) -> float:
+    """The proportion to plan a sample size with: the value of the 95% Wilson interval of ``k`` in
+    ``n`` nearest 0.5. After a few cells the observed share says little (one neutrophil is 100%
+    neutrophils, which would need only ~35 cells for +-5 points); this takes the least favourable
+    share the data still allow, and tends to the observed one as the interval narrows."""
+    lo, hi = wilson_interval(k, n)
+    return min(max(0.5, lo), hi)
+
+
 def _proportion(k: int, n: int, half_width: float) -> dict[str, Any]:
     lo, hi = wilson_interval(k, n)
     p = k / n if n else 0.0
-    need = cells_needed(p, half_width) if n else None
+    need = cells_needed(planning_proportion(k, n), half_width) if n else None
     return {"count": k, "fraction": p, "ci95": [lo, hi],
             "more_cells_needed": None if need is None else max(0, need - n)}
 
@@ -458,6 +468,7 @@ def annotate(image: Image.Image, result: FieldResult) -> Image.Image:
     draw = ImageDraw.Draw(out)
     labels = sorted({c.label for c in result.cells if c.label})
     width = max(1, round(max(out.size) / 400))
+    font = ImageFont.load_default(size=max(11, round(max(out.size) / 45)))
     for c in result.cells:
         colour = LABEL_COLOURS[labels.index(c.label) % len(LABEL_COLOURS)] if c.label else KIND_COLOURS[c.kind]
         draw.rectangle(list(c.box), outline=colour, width=width + (c.kind == "wbc"))
@@ -466,6 +477,20 @@ def annotate(image: Image.Image, result: FieldResult) -> Image.Image:
             draw.rectangle([x0 - 2 * width, y0 - 2 * width, x1 + 2 * width, y1 + 2 * width],
                            outline=UNCERTAIN_COLOUR, width=width)
         if c.label and (c.kind == "wbc" or c.uncertain):
-            text = c.label + ("?" if c.uncertain else "")
-            draw.text((c.box[0] + 2, max(0, c.box[1] - 12)), text, fill=UNCERTAIN_COLOUR if c.uncertain else colour)
+            _label_tag(draw, c.box, c.label + ("?" if c.uncertain else ""),
+                       UNCERTAIN_COLOUR if c.uncertain else colour, font)
     return out
+
+
+def _label_tag(draw: ImageDraw.ImageDraw, box: Any, text: str, colour: Any, font: Any) -> None:
+    """``text`` on a filled tag of ``colour`` just above ``box`` (inside it at the image's top edge),
+    in black or white, whichever reads better on that colour: legible on any stain."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    w, h = right - left + 4, bottom - top + 4
+    x, y = int(box[0]), int(box[1]) - h
+    if y < 0:
+        y = int(box[1])
+    rgb = tuple(colour)
+    ink = (0, 0, 0) if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140 else (255, 255, 255)
+    draw.rectangle([x, y, x + w, y + h], fill=rgb)
+    draw.text((x + 2 - left, y + 2 - top), text, fill=ink, font=font)

@@ -10,8 +10,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from cellhub import create_model
 from cellhub.detect import box_iou, detect_cells, with_params
-from cellhub.fields import (analyze_field, analyze_fields, annotate, cells_needed, rbc_crop, result_rows, wbc_crop,
-                            wilson_interval)
+from cellhub.fields import (analyze_field, analyze_fields, annotate, cells_needed, planning_proportion, rbc_crop,
+                            result_rows, wbc_crop, wilson_interval)
 from cellhub.images import InputError, Limits
 from cellhub.predict import Predictor
 from cellhub.synthetic import draw_blood_cell, draw_malaria_cell, draw_smear
@@ -217,7 +217,7 @@ def test_fields_in_a_zip_pool_into_a_differential(blood_predictors, tmp_path):
     for d in diff.values():
         lo, hi = d["ci95"]
         assert 0 <= lo <= d["fraction"] <= hi <= 1
-    need = max(cells_needed(d["fraction"], 0.1) for d in diff.values()) - s["n_wbc"]
+    need = max(cells_needed(planning_proportion(d["count"], s["n_wbc"]), 0.1) for d in diff.values()) - s["n_wbc"]
     assert s["differential_more_cells_needed"] == need > 0
     assert "parasitemia" not in s
 
@@ -231,6 +231,17 @@ def test_wilson_interval_and_cells_needed():
     assert (hi - lo) / 2 <= 0.05
     with pytest.raises(ValueError):
         cells_needed(0.5, 0.0)
+
+
+def test_cells_needed_is_planned_on_what_the_interval_still_allows():
+    # one white cell, a neutrophil: 100% observed, but its interval reaches below 50%
+    assert planning_proportion(1, 1) == 0.5
+    assert cells_needed(planning_proportion(1, 1), 0.05) == cells_needed(0.5, 0.05) > 10 * cells_needed(1.0, 0.05)
+    # many cells: the observed share, or the interval's end nearest 50%
+    lo, hi = wilson_interval(20, 1000)
+    assert planning_proportion(20, 1000) == pytest.approx(hi) and 0.02 < hi < 0.035
+    assert planning_proportion(500, 1000) == 0.5
+    assert planning_proportion(0, 1000) == pytest.approx(wilson_interval(0, 1000)[1])
 
 
 # -------------------------------------------------------------------------------- bad input
@@ -266,6 +277,14 @@ def test_annotate_and_rows(blood_predictors):
     res = analyze_field(image, blood_predictors)
     out = annotate(image, res)
     assert out.size == image.size and np.any(np.asarray(out) != np.asarray(image))
+    # each classified white cell's label sits on a filled tag (legible on any stain), not as bare text
+    from cellhub.fields import LABEL_COLOURS, UNCERTAIN_COLOUR
+    wbc = next(c for c in res.cells if c.kind == "wbc" and c.label)
+    labels = sorted({c.label for c in res.cells if c.label})
+    colour = UNCERTAIN_COLOUR if wbc.uncertain else LABEL_COLOURS[labels.index(wbc.label) % len(LABEL_COLOURS)]
+    x0, y0 = wbc.box[0], wbc.box[1]
+    tag = np.asarray(out)[max(0, y0 - 20):y0 + 20, x0:x0 + 60]
+    assert np.all(tag == colour, axis=-1).sum() > 150
     rows = result_rows(res)
     assert len(rows) == len(res.cells) and rows[0][2] == "wbc"
 
@@ -297,7 +316,10 @@ def test_cli_analyze_writes_the_documented_json(tmp_path, capsys):
         assert (cell["label"] is None) == (cell["kind"] == "platelet")
     assert {"parasitemia", "ci95", "differential"} <= set(data["summary"])
     assert len(list((tmp_path / "ann").glob("*.png"))) == 2
+    capsys.readouterr()
     assert main(["analyze", str(blood), str(tmp_path / "nothing-here.png")]) == 2
+    printed = capsys.readouterr()
+    assert "no input could be analysed" in printed.err and "differential of" not in printed.out
     assert main(["analyze", str(fields)]) == 2  # no checkpoint first
     assert "no checkpoint" in capsys.readouterr().err
 
