@@ -355,8 +355,11 @@ def _add_analyze(subparsers: Any) -> None:
     p.add_argument("items", nargs="+", metavar="CHECKPOINT... INPUT...",
                    help="checkpoint folders (with config.json) or hf-hub:org/name ids, then field photos, "
                         "folders or .zip archives")
-    p.add_argument("--task", choices=["blood-cells", "malaria"], default=None,
+    p.add_argument("--task", choices=["blood-cells", "pbc", "malaria"], default=None,
                    help="use only this task's models (default: every task of the checkpoints)")
+    p.add_argument("--no-cell-check", dest="cell_check", action="store_false",
+                   help="analyse every photo, also those whose colours are not those of a stained blood smear "
+                        "(by default they are listed as skipped, with the reason)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
     p.add_argument("--csv", metavar="OUT", type=Path, default=None, help="write one row per cell to OUT")
     p.add_argument("--annotated-dir", type=Path, default=None,
@@ -409,7 +412,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
     try:
         result = analyze_fields(inputs, predictors, args.task, half_width=args.half_width,
-                                limits=Limits(max_images=sys.maxsize), on_field=saver)
+                                limits=Limits(max_images=sys.maxsize), on_field=saver, check_cells=args.cell_check)
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -433,8 +436,8 @@ def _print_fields(result: Any) -> None:
     s = result.summary
     print(f"\n{s['fields']} field(s) analysed, {s['skipped']} skipped")
     if not s["fields"]:
-        print("nothing to count: no input could be analysed (the reasons are listed above); give field photos "
-              "(files, folders or a .zip) that exist and open as images", file=sys.stderr)
+        print("nothing to count: none of the inputs could be analysed (each one's reason is listed above)",
+              file=sys.stderr)
         return
     if "differential" in s:
         print(f"differential of {s['n_wbc']} white cells (95% Wilson interval):")

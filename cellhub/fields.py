@@ -11,7 +11,9 @@
 * :func:`annotate` / :func:`result_rows` — a picture and a table of a result (for the app and CLI).
 
 Bad input raises :class:`~cellhub.images.InputError` with what is wrong and what to do: a blank or
-over-exposed photo, a field with no cells, a single-cell crop where a field is expected.
+over-exposed photo, a photo that is not of a stained blood smear (:func:`cellhub.cellcheck.check_cell_image`,
+the check ``predict`` makes on crops: 0 of the 366 BCCD fields fail it), a field with no cells, a
+single-cell crop where a field is expected.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
+from .cellcheck import check_cell_image
 from .detect import DEFAULT_PARAMS, Cell, Detection, DetectParams, detect_cells, field_problem
 from .images import DEFAULT_LIMITS, ImageRef, InputError, Limits, collect_images, read_image
 from .masks import fill_holes
@@ -365,12 +368,14 @@ def analyze_field(
     limits: Limits = DEFAULT_LIMITS,
     allow_single_cell: bool = False,
     detection: Detection | None = None,
+    check_cells: bool = True,
 ) -> FieldResult:
     """Find, crop and classify every cell of one field photo.
 
     ``task`` None classifies with every task of ``predictors`` (white cells with the blood-cell
     models, red cells with the malaria models); a task name uses only that task's models.
-    Raises :class:`InputError` for a photo that cannot be a field (see the module docstring).
+    Raises :class:`InputError` for a photo that cannot be a field (see the module docstring);
+    ``check_cells=False`` skips the stained-smear check (a stain or camera it does not know).
     """
     t0 = time.perf_counter()
     by_task = _select(predictors, task)
@@ -389,6 +394,9 @@ def analyze_field(
     problem = field_problem(arr)
     if problem:
         raise InputError(f"{name}: {problem}.")
+    verdict = check_cell_image(image) if check_cells else None
+    if verdict is not None and not verdict.ok:
+        raise InputError(f"{name}: not analysed as a blood-smear field: {verdict.reason}.")
     det = detection or detect_cells(arr, params)
     _check_field(det, arr, name, allow_single_cell)
     results: dict[int, CellResult] = {}
@@ -414,12 +422,14 @@ def analyze_fields(
     limits: Limits = DEFAULT_LIMITS,
     progress: Callable[[int, int], None] | None = None,
     on_field: Callable[[FieldResult, Image.Image], None] | None = None,
+    check_cells: bool = True,
 ) -> FieldsResult:
     """Analyse every field photo in ``inputs`` (files, folders, ``.zip``) as fields of one smear.
 
     A photo that cannot be analysed is skipped with its reason (``result.skipped``), not raised.
     ``half_width`` is the target half-width of the 95% interval for ``more_cells_needed``
     (default :data:`DEFAULT_HALF_WIDTH` of each task). ``on_field(result, image)`` after each.
+    ``check_cells``: see :func:`analyze_field`.
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -430,7 +440,7 @@ def analyze_fields(
         try:
             img = read_image(ref, limits=limits)
             res = analyze_field(img, [p for ps in by_task.values() for p in ps], task, name=ref.name,
-                                params=params, limits=limits)
+                                params=params, limits=limits, check_cells=check_cells)
         except InputError as exc:
             logger.warning("skipped %s", exc)
             skipped.append((ref.name, str(exc).removeprefix(f"{ref.name}: ")))

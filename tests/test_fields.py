@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,10 +253,28 @@ def test_cells_needed_is_planned_on_what_the_interval_still_allows():
     (lambda: red_cell_field([], size=(640, 480)), "no cells"),
     (lambda: draw_blood_cell("lymphocyte", seed=1), "single white-cell crop"),
     (lambda: draw_malaria_cell("uninfected", seed=1)[0], "single red-cell crop"),
+    (lambda: draw_smear("neutrophil", seed=3)[0].convert("L").convert("RGB"), "not analysed as a blood-smear field: it has no stain"),
+    (lambda: _green_smear(), "not analysed as a blood-smear field: its colours"),
 ])
 def test_bad_fields_give_a_clear_input_error(blood_predictors, make, message):
     with pytest.raises(InputError, match=message):
         analyze_field(make(), blood_predictors, name="x.png")
+
+
+def _green_smear():
+    r, g, b = draw_smear("neutrophil", seed=3)[0].split()
+    return Image.merge("RGB", (g, r, b))  # the same cells in colours no Romanowsky stain gives
+
+
+def test_the_smear_check_can_be_switched_off(blood_predictors, tmp_path):
+    _green_smear().save(tmp_path / "green.png")
+    draw_smear("lymphocyte", seed=4)[0].save(tmp_path / "real.png")
+    checked = analyze_fields(tmp_path, blood_predictors)
+    assert [Path(im.file).name for im in checked.images] == ["real.png"]
+    (name, why), = checked.skipped
+    assert Path(name).name == "green.png" and "stain palette" in why
+    unchecked = analyze_fields(tmp_path, blood_predictors, check_cells=False)
+    assert sorted(Path(im.file).name for im in unchecked.images) == ["green.png", "real.png"] and not unchecked.skipped
 
 
 def test_over_the_pixel_limit_and_wrong_task(blood_predictors, tmp_path):
@@ -319,7 +338,7 @@ def test_cli_analyze_writes_the_documented_json(tmp_path, capsys):
     capsys.readouterr()
     assert main(["analyze", str(blood), str(tmp_path / "nothing-here.png")]) == 2
     printed = capsys.readouterr()
-    assert "no input could be analysed" in printed.err and "differential of" not in printed.out
+    assert "none of the inputs could be analysed" in printed.err and "differential of" not in printed.out
     assert main(["analyze", str(fields)]) == 2  # no checkpoint first
     assert "no checkpoint" in capsys.readouterr().err
 
