@@ -439,14 +439,18 @@ def _print_fields(result: Any) -> None:
         print("nothing to count: none of the inputs could be analysed (each one's reason is listed above)",
               file=sys.stderr)
         return
-    if "differential" in s:
+    if "differential" in s and not s["n_wbc"]:
+        print("no white cell was found in these fields: no differential")
+    elif "differential" in s:
         print(f"differential of {s['n_wbc']} white cells (95% Wilson interval):")
         for lab, d in s["differential"].items():
             print(f"  {lab:<22} {d['count']:>5}  {100 * d['fraction']:5.1f}%  [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]")
         if s["differential_more_cells_needed"] is not None:
             print(f"  {s['differential_more_cells_needed']} more white cells for a half-width of "
                   f"{100 * s['differential_half_width']:g} points")
-    if "parasitemia" in s:
+    if "parasitemia" in s and not s["n_rbc"]:
+        print("no red cell was found in these fields: no parasitemia")
+    elif "parasitemia" in s:
         lo, hi = s["ci95"]
         print(f"parasitemia {100 * s['parasitemia']:.2f}% ({s['n_parasitized']} of {s['n_rbc']} red cells), "
               f"95% Wilson interval [{100 * lo:.2f}, {100 * hi:.2f}]%")

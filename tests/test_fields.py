@@ -343,6 +343,17 @@ def test_cli_analyze_writes_the_documented_json(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_cli_says_when_no_cell_of_its_kind_was_found(tmp_path, capsys):
+    from cellhub.cli import main
+    from cellhub.hub import save_pretrained
+
+    blood = save_pretrained(create_model("smallcnn", "blood-cells", pretrained=False, image_size=32), tmp_path / "blood")
+    red_cell_field(grid(10, 7, 18, (480, 360), gap=6.0), size=(480, 360)).save(tmp_path / "red-only.png")
+    assert main(["analyze", str(blood), str(tmp_path / "red-only.png")]) == 0
+    out = capsys.readouterr().out
+    assert "no white cell was found in these fields: no differential" in out and "differential of" not in out
+
+
 def test_cli_single_cell_crop_is_refused(tmp_path, capsys):
     from cellhub.cli import main
     from cellhub.hub import save_pretrained
