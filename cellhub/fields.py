@@ -478,7 +478,8 @@ def annotate(image: Image.Image, result: FieldResult) -> Image.Image:
     draw = ImageDraw.Draw(out)
     labels = sorted({c.label for c in result.cells if c.label})
     width = max(1, round(max(out.size) / 400))
-    font = ImageFont.load_default(size=max(11, round(max(out.size) / 45)))
+    heights = [c.box[3] - c.box[1] for c in result.cells]  # labels scale with the cells, not the photo
+    font = ImageFont.load_default(size=max(11, round(0.16 * float(np.median(heights)))) if heights else 11)
     for c in result.cells:
         colour = LABEL_COLOURS[labels.index(c.label) % len(LABEL_COLOURS)] if c.label else KIND_COLOURS[c.kind]
         draw.rectangle(list(c.box), outline=colour, width=width + (c.kind == "wbc"))
@@ -497,7 +498,7 @@ def _label_tag(draw: ImageDraw.ImageDraw, box: Any, text: str, colour: Any, font
     in black or white, whichever reads better on that colour: legible on any stain."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     w, h = right - left + 4, bottom - top + 4
-    x, y = int(box[0]), int(box[1]) - h
+    x, y = min(int(box[0]), draw.im.size[0] - w), int(box[1]) - h
     if y < 0:
         y = int(box[1])
     rgb = tuple(colour)
