@@ -385,6 +385,8 @@ def _split_checkpoints(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from .fields import analyze_fields, annotate
     from .images import InputError, Limits
     from .predict import load_predictors
@@ -410,12 +412,21 @@ def _analyze(args: argparse.Namespace) -> int:
             stem = Path(res.file.replace("/", "__")).stem or "field"
             annotate(img, res).save(args.annotated_dir / f"{stem}.annotated.png")
 
+    bar = tqdm(total=None, unit="field", desc="analyse", smoothing=0.1)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
     try:
         result = analyze_fields(inputs, predictors, args.task, half_width=args.half_width,
-                                limits=Limits(max_images=sys.maxsize), on_field=saver, check_cells=args.cell_check)
+                                limits=Limits(max_images=sys.maxsize), on_field=saver, check_cells=args.cell_check,
+                                progress=progress)
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        bar.close()
     _print_fields(result)
     if args.json:
         print(f"JSON written to {_write_json(args.json, result.as_dict())}")
