@@ -78,7 +78,8 @@ class TrainConfig:
                                   "(GroupNorm: each image normalised by its own statistics, in training and "
                                   "prediction alike)", "model", choices=("batch", "group"))
     depths: str | None = _opt(None, "conv blocks per stage of the small CNN, comma-separated (default 1,1,1,2; "
-                                    "2,2,2,2: a deeper network, about twice the training time)", "model")
+                                    "2,2,2,2: a deeper network, about 1.7x the training time; on the bundled "
+                                    "recipes no better)", "model")
     freeze_backbone: bool = _opt(False, "train only the classifier head", "model")
     init_from: str | None = _opt(None, "start from this cellhub checkpoint (folder or Hub id): its architecture, "
                                        "weights and preprocessing (--image-size changes the size); a new head when "
