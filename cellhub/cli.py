@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .tasks import TASK_NAMES
+
 __all__ = ["build_parser", "main", "add_group_by_argument"]
 
 logger = logging.getLogger("cellhub")
@@ -355,7 +357,7 @@ def _add_analyze(subparsers: Any) -> None:
     p.add_argument("items", nargs="+", metavar="CHECKPOINT... INPUT...",
                    help="checkpoint folders (with config.json) or hf-hub:org/name ids, then field photos, "
                         "folders or .zip archives")
-    p.add_argument("--task", choices=["blood-cells", "pbc", "malaria"], default=None,
+    p.add_argument("--task", choices=TASK_NAMES, default=None,
                    help="use only this task's models (default: every task of the checkpoints)")
     p.add_argument("--no-cell-check", dest="cell_check", action="store_false",
                    help="analyse every photo, also those whose colours are not those of a stained blood smear "

@@ -394,8 +394,7 @@ def analyze_field(
     problem = field_problem(arr)
     if problem:
         raise InputError(f"{name}: {problem}.")
-    verdict = check_cell_image(image) if check_cells else None
-    if verdict is not None and not verdict.ok:
+    if check_cells and not (verdict := check_cell_image(image)).ok:
         raise InputError(f"{name}: not analysed as a blood-smear field: {verdict.reason}.")
     det = detection or detect_cells(arr, params)
     _check_field(det, arr, name, allow_single_cell)
