@@ -497,7 +497,7 @@ def _label_tag(draw: ImageDraw.ImageDraw, box: Any, text: str, colour: Any, font
     in black or white, whichever reads better on that colour: legible on any stain."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     w, h = right - left + 4, bottom - top + 4
-    x, y = min(int(box[0]), draw.im.size[0] - w), int(box[1]) - h
+    x, y = max(0, min(int(box[0]), draw.im.size[0] - w)), int(box[1]) - h  # inside the image on both sides
     if y < 0:
         y = int(box[1])
     rgb = tuple(colour)
